@@ -1,0 +1,52 @@
+"""Defaults and paths: one copy of every limit, extension list and directory layout."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DH_VERSION = "42.7"
+DEFAULT_MAX_ROWS = 1000
+DEFAULT_MAX_PUSH_MB = 50.0
+DEFAULT_TIMEOUT_S = 0.0  # 0: no limit
+DEFAULT_BACKEND = "local"
+DEFAULT_DTYPE_BACKEND = "numpy_nullable"
+DATA_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow", ".txt", ".xml", ".yaml", ".yml", ".py")
+# How long an agent may take from process start to answering (a cold JVM + Deephaven start).
+AGENT_START_TIMEOUT_S = 180.0
+# How long a cancelled cell may take to stop before its VM is declared stuck and replaced.
+CANCEL_GRACE_S = 2.0
+
+
+def dhg_home(override: str | os.PathLike | None = None) -> Path:
+    """``--config-dir`` wins, then ``$DHG_HOME``, then ``~/.dhg``."""
+    if override:
+        return Path(override).expanduser().resolve()
+    env = os.environ.get("DHG_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path.home() / ".dhg"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where artifacts live under ``DHG_HOME`` (see DESIGN.md)."""
+
+    home: Path
+
+    @classmethod
+    def resolve(cls, override: str | os.PathLike | None = None) -> "Layout":
+        return cls(dhg_home(override))
+
+    @property
+    def vm(self) -> Path:
+        return self.home / "vm"
+
+    @property
+    def run(self) -> Path:
+        """Per-instance directories: ``run/<instance>/`` with instance.json, sockets, logs."""
+        return self.vm / "run"
+
+    def snapshots(self, dh_version: str = DH_VERSION) -> Path:
+        return self.vm / "snapshots" / dh_version

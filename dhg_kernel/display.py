@@ -1,0 +1,93 @@
+"""Rendering a CellResult: in IPython (magic and kernel alike) and as text for the terminal."""
+
+from __future__ import annotations
+
+import html
+import sys
+
+from .result import CellResult, ExecutionError, TableResult
+
+
+class RemoteCellError(Exception):
+    """Raised in the notebook when a cell failed in the VM; IPython shows the remote traceback.
+
+    Subclasses are made on the fly with the remote exception's name, so a notebook error reads
+    ``ZeroDivisionError`` rather than ``RemoteCellError``.
+    """
+
+    def __init__(self, error: ExecutionError):
+        super().__init__(f"{error.name}: {error.value}")
+        self.error = error
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython calls this instead of formatting the local (uninteresting) traceback.
+        lines = [line.rstrip("\n") for line in self.error.traceback]
+        if not lines or not lines[-1].startswith(self.error.name):
+            lines.append(f"\x1b[0;31m{self.error.name}\x1b[0m: {self.error.value}")
+        return ["\x1b[0;36m--- in the Deephaven VM ---\x1b[0m", *lines]
+
+
+def remote_error(error: ExecutionError) -> RemoteCellError:
+    """A RemoteCellError whose class name is the remote exception's name."""
+    name = error.name if error.name.isidentifier() else "RemoteCellError"
+    cls = type(name, (RemoteCellError,), {"__module__": "dhvm"})
+    return cls(error)
+
+
+def table_heading(t: TableResult, max_rows_hint: str = "-n/--max-rows") -> tuple[str, str]:
+    """(plain, html) heading for a table: its name, size and a truncation note."""
+    cols = t.arrow.num_columns
+    size = f"{t.rows:,} rows × {cols} columns"
+    note = ""
+    if t.truncated:
+        note = (f"showing the first {t.arrow.num_rows:,} of {t.rows:,} rows "
+                f"(raise with {max_rows_hint} or %config Dhvm.max_rows)")
+    if t.refreshing:
+        note = (note + "; " if note else "") + "ticking table: a snapshot"
+    plain = f"{t.name}  ({size})" + (f"\n  {note}" if note else "")
+    rich = (f"<h4 style='margin:0.6em 0 0.2em 0'><code>{html.escape(t.name)}</code> "
+            f"<small style='font-weight:normal'>{size}</small></h4>"
+            + (f"<p style='margin:0 0 0.4em 0;color:#a15c00'>{html.escape(note)}</p>" if note else ""))
+    return plain, rich
+
+
+def timing_line(result: CellResult) -> str:
+    """One line of per-phase timings (``-v``)."""
+    parts = [f"{k.removesuffix('_ms')} {v:.1f} ms" for k, v in result.timings.items()]
+    sent = f"; pushed {', '.join(result.files)}" if result.files else ""
+    return f"[dhvm {result.backend}] " + ", ".join(parts) + sent
+
+
+def show_in_ipython(result: CellResult, *, quiet: bool = False, verbose: bool = False) -> None:
+    """Display a cell's tables (stdout/stderr were already streamed) and raise its error, if any."""
+    from IPython.display import display
+
+    if not quiet:
+        for t in result.tables:
+            plain, rich = table_heading(t)
+            display({"text/plain": plain, "text/html": rich}, raw=True)
+            display(t.df)
+    if verbose:
+        print(timing_line(result), file=sys.stderr)
+        for literal, why in result.files_skipped:
+            print(f"[dhvm] not pushed: {literal!r} ({why})", file=sys.stderr)
+    if result.error is not None:
+        if result.status == "cancelled" and result.error.name == "KeyboardInterrupt":
+            if "replaced" in result.error.value or "timed out" in result.error.value:
+                print(f"[dhvm] {result.error.value}", file=sys.stderr)
+            raise KeyboardInterrupt
+        raise remote_error(result.error)
+
+
+def format_text(result: CellResult, max_rows: int = 20, verbose: bool = False) -> str:
+    """The result as terminal text (``dhvm exec``): tables as pandas prints them, then the error."""
+    out: list[str] = []
+    for t in result.tables:
+        plain, _ = table_heading(t, "--max-rows")
+        out.append(f"== {plain}")
+        out.append(t.df.to_string(max_rows=max_rows))
+    if verbose:
+        out.append(timing_line(result))
+    if result.error is not None:
+        out.append("".join(result.error.traceback).rstrip() or str(result.error))
+    return "\n".join(out)

@@ -1,0 +1,149 @@
+"""Which workspace files a cell names, and whether they may travel into the VM.
+
+This module decides; it does not send (``session.py`` does). A file travels when a string literal
+in the cell (found with Python's tokenizer, so comments and f-strings are ignored, and calls like
+``Path("data/x.csv")`` are seen) names a relative path with a data extension that exists as a
+regular file whose real path lies inside the workspace.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import os
+import tokenize
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .config import DATA_EXTENSIONS, DEFAULT_MAX_PUSH_MB
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PushFile:
+    """A workspace file to send: its path as the guest sees it and where it is on the host."""
+
+    rel: str
+    """Normalised workspace-relative path (``data/trades.csv``), also its path under the guest workdir."""
+    path: Path
+    """Real path on the host."""
+    size: int
+    """Size in bytes when scanned."""
+
+
+@dataclass
+class ScanReport:
+    """What a scan found: files to push, and literals that looked like files but were skipped (and why)."""
+
+    files: list[PushFile] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+class FileLimitError(Exception):
+    """The files a cell names add up to more than the push limit; the cell is not run."""
+
+
+class FileNotPushable(Exception):
+    """A file named explicitly (``--file``) cannot be pushed."""
+
+
+def string_literals(code: str) -> list[str]:
+    """Every plain string literal in ``code`` (bytes and f-strings excluded), in order.
+
+    Incomplete code is tokenized as far as it goes.
+    """
+    found: list[str] = []
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(code).readline):
+            if tok.type != tokenize.STRING:
+                continue
+            prefix = tok.string[: len(tok.string) - len(tok.string.lstrip("rRbBuUfF"))].lower()
+            if "b" in prefix or "f" in prefix:
+                continue
+            try:
+                value = ast.literal_eval(tok.string)
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(value, str):
+                found.append(value)
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        pass
+    return found
+
+
+def _normalise_ext(extensions: Iterable[str]) -> tuple[str, ...]:
+    return tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+
+
+def check_path(literal: str, workspace: Path) -> PushFile:
+    """The PushFile for a workspace-relative path, or ValueError saying why it cannot travel."""
+    if not literal or "\x00" in literal or "\n" in literal:
+        raise ValueError("not a path")
+    if os.path.isabs(literal) or literal.startswith("~"):
+        raise ValueError("absolute paths are never pushed")
+    norm = os.path.normpath(literal)
+    if norm == ".." or norm.startswith(".." + os.sep):
+        raise ValueError("'..' leaves the workspace")
+    root = Path(os.path.realpath(workspace))
+    candidate = root / norm
+    if not candidate.exists():
+        raise ValueError("does not exist")
+    real = Path(os.path.realpath(candidate))
+    if real != root and root not in real.parents:
+        raise ValueError(f"resolves outside the workspace (to {real})")
+    if not real.is_file():
+        raise ValueError("not a regular file")
+    return PushFile(rel=Path(norm).as_posix(), path=real, size=real.stat().st_size)
+
+
+def scan(code: str, workspace: Path, extensions: Sequence[str] = DATA_EXTENSIONS) -> ScanReport:
+    """Find the workspace files a cell names."""
+    exts = _normalise_ext(extensions)
+    report = ScanReport()
+    seen: set[str] = set()
+    for literal in string_literals(code):
+        if not literal.lower().endswith(exts) or literal in seen:
+            continue
+        seen.add(literal)
+        try:
+            pf = check_path(literal, workspace)
+        except ValueError as e:
+            report.skipped.append((literal, str(e)))
+            continue
+        if all(f.rel != pf.rel for f in report.files):
+            report.files.append(pf)
+    return report
+
+
+def add_explicit(report: ScanReport, paths: Sequence[str], workspace: Path) -> ScanReport:
+    """Add files named with ``--file``; unlike scanned literals, a bad one is an error."""
+    for p in paths:
+        try:
+            pf = check_path(p, workspace)
+        except ValueError as e:
+            raise FileNotPushable(
+                f"--file {p}: {e}. Only regular files inside the workspace ({workspace}) can be pushed; "
+                f"give a path relative to it.") from None
+        if all(f.rel != pf.rel for f in report.files):
+            report.files.append(pf)
+    return report
+
+
+def check_limit(files: Sequence[PushFile], limit_mb: float = DEFAULT_MAX_PUSH_MB) -> None:
+    """Raise FileLimitError, listing files and sizes, when they exceed ``limit_mb`` MiB in total."""
+    total = sum(f.size for f in files)
+    if total <= limit_mb * MIB:
+        return
+    lines = "\n".join(f"  {f.rel:<50} {f.size / MIB:10.1f} MiB" for f in sorted(files, key=lambda f: -f.size))
+    need = total / MIB
+    raise FileLimitError(
+        f"the cell names {len(files)} file(s) totalling {need:.1f} MiB, over the {limit_mb:g} MiB push limit; "
+        f"the cell was not run.\n{lines}\n"
+        f"Raise the limit for one cell with `%%dhvm --max-push-mb {int(need) + 1}`, for the session with "
+        f"`%config Dhvm.max_push_mb = {int(need) + 1}`, or skip scanning with `--no-files`.")

@@ -1,0 +1,178 @@
+"""Instance bookkeeping under ``DHG_HOME/vm/run/<id>/``: who owns what, and reaping the orphans.
+
+Every VM or agent process is recorded with its owner's pid and each process's start time (so a
+recycled pid is never killed by mistake). On every start, instances whose owner is gone are reaped:
+their processes killed and their directories removed, so a kill -9 of a kernel leaves nothing
+behind after the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import Layout
+
+INSTANCE_FILE = "instance.json"
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (from /proc), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read().decode(errors="replace")
+    except OSError:
+        return None
+    # Field 22 (starttime); the command name (field 2) may hold spaces, so split after its ')'.
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[19])
+
+
+def alive(pid: int, start_time: int | None) -> bool:
+    """True when ``pid`` is running and is the same process that was recorded."""
+    now = proc_start_time(pid)
+    if now is None:
+        return False
+    return start_time is None or now == start_time
+
+
+@dataclass
+class ProcessRef:
+    """A process an instance owns."""
+
+    pid: int
+    start_time: int | None
+    role: str = "agent"
+
+
+@dataclass
+class InstanceRecord:
+    """What ``instance.json`` holds."""
+
+    id: str
+    backend: str
+    dir: str
+    owner_pid: int
+    owner_start_time: int | None
+    created: float = field(default_factory=time.time)
+    processes: list[ProcessRef] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    def save(self) -> None:
+        path = Path(self.dir) / INSTANCE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, directory: Path) -> "InstanceRecord":
+        data = json.loads((directory / INSTANCE_FILE).read_text())
+        data["processes"] = [ProcessRef(**p) for p in data.get("processes", [])]
+        return cls(**data)
+
+    def add_process(self, pid: int, role: str) -> None:
+        self.processes.append(ProcessRef(pid, proc_start_time(pid), role))
+        self.save()
+
+    @property
+    def owner_alive(self) -> bool:
+        return alive(self.owner_pid, self.owner_start_time)
+
+
+def new_instance(layout: Layout, backend: str) -> InstanceRecord:
+    """Create ``run/<id>/`` (mode 0700) and its record, owned by this process."""
+    layout.run.mkdir(parents=True, exist_ok=True)
+    iid = f"{backend}-{uuid.uuid4().hex[:10]}"
+    d = layout.run / iid
+    d.mkdir(mode=0o700)
+    rec = InstanceRecord(iid, backend, str(d), os.getpid(), proc_start_time(os.getpid()))
+    rec.save()
+    return rec
+
+
+def kill_processes(rec: InstanceRecord, grace: float = 3.0) -> None:
+    """SIGTERM then SIGKILL every live process of the instance (and its process group)."""
+    live = [p for p in rec.processes if alive(p.pid, p.start_time)]
+    for p in live:
+        _signal_group(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(alive(p.pid, p.start_time) for p in live):
+        time.sleep(0.05)
+    for p in live:
+        if alive(p.pid, p.start_time):
+            _signal_group(p.pid, signal.SIGKILL)
+    for p in live:
+        _reap_child(p.pid)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    # Our processes lead their own session (start_new_session), so the group holds their children too.
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+            return
+    except OSError:
+        pass
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
+
+
+def _reap_child(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    except OSError:
+        pass
+
+
+def destroy(rec: InstanceRecord) -> None:
+    """Kill the instance's processes and remove its directory."""
+    kill_processes(rec)
+    shutil.rmtree(rec.dir, ignore_errors=True)
+
+
+def reap_stale(layout: Layout) -> list[str]:
+    """Destroy instances whose owner process is gone. Returns the ids reaped."""
+    reaped: list[str] = []
+    if not layout.run.is_dir():
+        return reaped
+    for d in sorted(layout.run.iterdir()):
+        if not d.is_dir():
+            continue
+        try:
+            rec = InstanceRecord.load(d)
+        except FileNotFoundError:
+            # A directory without a record: a start that died before writing one, if it is old enough.
+            if time.time() - d.stat().st_mtime > 60:
+                shutil.rmtree(d, ignore_errors=True)
+                reaped.append(d.name)
+            continue
+        except (OSError, ValueError, TypeError):
+            shutil.rmtree(d, ignore_errors=True)
+            reaped.append(d.name)
+            continue
+        if not rec.owner_alive:
+            destroy(rec)
+            reaped.append(rec.id)
+    return reaped
+
+
+def list_instances(layout: Layout) -> list[InstanceRecord]:
+    """Every recorded instance (live or stale)."""
+    out = []
+    if layout.run.is_dir():
+        for d in sorted(layout.run.iterdir()):
+            try:
+                out.append(InstanceRecord.load(d))
+            except (OSError, ValueError, TypeError):
+                continue
+    return out

@@ -1,0 +1,214 @@
+"""The ``%%dhvm`` cell magic and ``%dhvm`` line magic.
+
+Options are declared with ``magic_arguments`` (so ``%%dhvm?`` prints real help) and take their
+defaults from traitlets (so ``%config Dhvm.max_rows = 500`` and IPython profiles work).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool, Enum, Float, Integer, List, Unicode
+
+from . import files as files_mod
+from .config import (DATA_EXTENSIONS, DEFAULT_BACKEND, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_PUSH_MB,
+                     DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT_S)
+from .display import show_in_ipython
+from .result import CellResult
+from .session import DhvmError, Session
+from .tables import DTYPE_BACKENDS
+
+LINE_COMMANDS = ("status", "tables", "stats", "fetch", "reset", "stop")
+
+
+class DhvmUsageError(Exception):
+    """A problem before the cell ran (no backend, too many bytes to push…): shown without a local traceback."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"\x1b[0;31mDhvmError\x1b[0m: {self}"]
+
+
+@magics_class
+class Dhvm(Magics):
+    """Run cells in a Deephaven server inside a microVM (or a local agent)."""
+
+    backend = Unicode(DEFAULT_BACKEND, help="Where cells run: local (for now; qemu and firecracker come with VMs).").tag(config=True)
+    config_dir = Unicode("", help="DHG_HOME for artifacts and run dirs (default: $DHG_HOME or ~/.dhg).").tag(config=True)
+    max_rows = Integer(DEFAULT_MAX_ROWS, help="Rows of each result table brought back (the rest stays in the VM).").tag(config=True)
+    max_push_mb = Float(DEFAULT_MAX_PUSH_MB, help="Total MiB of workspace files a cell may push.").tag(config=True)
+    extensions = List(Unicode(), default_value=list(DATA_EXTENSIONS),
+                      help="File extensions the scanner pushes when a cell names them.").tag(config=True)
+    timeout = Float(DEFAULT_TIMEOUT_S, help="Seconds before a cell is cancelled (0: no limit).").tag(config=True)
+    dtype_backend = Enum(list(DTYPE_BACKENDS), default_value=DEFAULT_DTYPE_BACKEND,
+                         help="pandas dtypes for result tables: numpy_nullable, pyarrow or numpy.").tag(config=True)
+    verbose = Bool(False, help="Print per-phase timings after every cell.").tag(config=True)
+    heap = Unicode("2g", help="JVM heap of the Deephaven server (-Xmx).").tag(config=True)
+
+    def __init__(self, shell=None, **kwargs):
+        super().__init__(shell=shell, **kwargs)
+        self._session: Session | None = None
+
+    # -- the session ---------------------------------------------------------------------------
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            self._session = Session(self.backend, self.config_dir or None, heap=self.heap)
+        return self._session
+
+    def close(self) -> None:
+        """Destroy the session's VM."""
+        if self._session is not None:
+            self._session.stop()
+            self._session = None
+
+    # -- the magic -----------------------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("-o", "--output", action="append", default=[], metavar="NAME[=TABLE]",
+              help="Bind a Deephaven table, all its rows, as a local pandas DataFrame (several allowed): "
+                   "-o trades binds the table trades; -o df=trades binds it as df.")
+    @argument("-n", "--max-rows", type=int, default=None,
+              help="Rows of each result table to bring back (default: Dhvm.max_rows, 1000).")
+    @argument("-q", "--quiet", action="store_true", help="Do not display result tables.")
+    @argument("-v", "--verbose", action="store_true", help="Print per-phase timings and skipped files.")
+    @argument("--timeout", type=float, default=None, help="Cancel the cell after this many seconds.")
+    @argument("--file", action="append", default=[], metavar="PATH",
+              help="Push this workspace file too (for paths the scanner cannot see).")
+    @argument("--no-files", action="store_true", help="Do not scan the cell for files to push.")
+    @argument("--max-push-mb", type=float, default=None, help="Push limit for this cell, in MiB (default 50).")
+    @argument("command", nargs="*",
+              help="Line magic only: status | tables | stats | fetch NAME | reset | stop, or code to run.")
+    @line_cell_magic
+    def dhvm(self, line: str, cell: str | None = None):
+        """Run the cell in a Deephaven server inside a microVM; tables come back as DataFrames.
+
+        Line magic: ``%dhvm status``, ``%dhvm tables``, ``%dhvm stats``, ``%dhvm fetch NAME``,
+        ``%dhvm reset`` (a fresh server), ``%dhvm stop``; anything else is run as code.
+        """
+        if cell is None:
+            words = line.split()
+            if words and words[0] in LINE_COMMANDS:
+                return self._line_command(words)
+            if not line.strip():
+                return self._line_command(["status"])
+            return self._run(line, parse_argstring(self.dhvm, ""))
+        return self._run(cell, parse_argstring(self.dhvm, line))
+
+    def _line_command(self, words: list[str]):
+        cmd, rest = words[0], words[1:]
+        try:
+            if cmd == "status":
+                st = self.session.status()
+                _print_mapping(st)
+                return None
+            if cmd == "tables":
+                import pandas as pd
+
+                rows = [{"name": t["name"], "rows": t["rows"], "columns": len(t["columns"]),
+                         "refreshing": t["refreshing"]} for t in self.session.tables()]
+                return pd.DataFrame(rows, columns=["name", "rows", "columns", "refreshing"])
+            if cmd == "stats":
+                _print_mapping(self.session.stats())
+                return None
+            if cmd == "fetch":
+                if len(rest) != 1:
+                    raise DhvmUsageError("usage: %dhvm fetch TABLE_NAME")
+                return self.session.fetch(rest[0], self.max_rows, self.dtype_backend).df
+            if cmd == "reset":
+                self.session.reset()
+                print("dhvm: the server was discarded; the next cell starts a fresh one.")
+                return None
+            if cmd == "stop":
+                self.close()
+                print("dhvm: stopped.")
+                return None
+        except DhvmError as e:
+            raise DhvmUsageError(str(e)) from None
+        raise DhvmUsageError(f"unknown command {cmd!r}")
+
+    def _run(self, code: str, args) -> None:
+        workspace = Path(os.getcwd())
+        report = files_mod.ScanReport()
+        try:
+            if not args.no_files:
+                report = files_mod.scan(code, workspace, self.extensions)
+            files_mod.add_explicit(report, args.file, workspace)
+            files_mod.check_limit(report.files, args.max_push_mb if args.max_push_mb is not None else self.max_push_mb)
+        except (files_mod.FileLimitError, files_mod.FileNotPushable) as e:
+            raise DhvmUsageError(str(e)) from None
+
+        max_rows = args.max_rows if args.max_rows is not None else self.max_rows
+        timeout = args.timeout if args.timeout is not None else self.timeout
+        try:
+            result = self.session.execute(
+                code, report.files, max_rows=max_rows if max_rows > 0 else None, timeout=timeout or None,
+                dtype_backend=self.dtype_backend, on_stdout=_writer(sys.stdout), on_stderr=_writer(sys.stderr))
+        except DhvmError as e:
+            raise DhvmUsageError(str(e)) from None
+        except Exception as e:  # a backend that cannot start: say so, keep the kernel alive
+            raise DhvmUsageError(f"{type(e).__name__}: {e}") from None
+        result.files_skipped = report.skipped
+        if self.shell is not None:
+            self.shell.user_ns["_dhvm"] = result
+            self._bind_outputs(result, args.output)
+        show_in_ipython(result, quiet=args.quiet, verbose=args.verbose or self.verbose)
+
+    def _bind_outputs(self, result: CellResult, outputs: list[str]) -> None:
+        for spec in outputs:
+            local, _, remote = spec.partition("=")
+            remote = remote or local
+            if not local.isidentifier():
+                raise DhvmUsageError(f"-o {spec}: {local!r} is not a valid Python name")
+            try:
+                table = result.table(remote)
+            except KeyError:
+                if result.error is not None:
+                    continue  # the cell failed: its error is what the user needs to see
+                table = None
+            if table is not None and not table.truncated:
+                df = table.df
+            else:
+                # -o means "give me the table": the display limit does not cut it.
+                try:
+                    df = self.session.fetch(remote, None, self.dtype_backend).df
+                except DhvmError as e:
+                    raise DhvmUsageError(f"-o {spec}: {e}") from None
+            self.shell.user_ns[local] = df
+
+
+def _writer(stream):
+    def write(text: str) -> None:
+        stream.write(text)
+        stream.flush()
+
+    return write
+
+
+def _print_mapping(data: dict, indent: str = "") -> None:
+    for k, v in data.items():
+        if isinstance(v, dict):
+            print(f"{indent}{k}:")
+            _print_mapping(v, indent + "  ")
+        else:
+            print(f"{indent}{k}: {v}")
+
+
+def load(ipython) -> Dhvm:
+    """Register the magics with ``ipython`` and make ``%config Dhvm.…`` reach them."""
+    magics = Dhvm(shell=ipython)
+    ipython.register_magics(magics)
+    if magics not in ipython.configurables:
+        ipython.configurables.append(magics)
+    return magics
+
+
+def unload(ipython) -> None:
+    """Stop the session of the registered magics."""
+    magics = ipython.magics_manager.registry.get("Dhvm")
+    if magics is not None:
+        magics.close()

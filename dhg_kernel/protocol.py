@@ -1,0 +1,283 @@
+"""The wire protocol between the host and the guest agent: framed messages over one byte stream.
+
+This module knows frames and nothing about Deephaven, VMs or notebooks; the guest agent and
+``session.py`` give the messages meaning. It is imported by both sides (the VM image gets a copy
+beside the agent), so it uses only the standard library.
+
+A frame is::
+
+    magic "DHGF" | header_len: u32 | n_payloads: u16 | n_payloads x payload_len: u64
+    | header (UTF-8 JSON object) | payloads (raw bytes, back to back)
+
+The JSON header says what the frame means (``op`` for requests, ``ev`` for events); payloads carry
+bulk bytes (file contents, Arrow IPC streams) without base64. A frame with no payloads has
+``n_payloads = 0`` and no payload section at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+PROTOCOL_VERSION = 1
+MAGIC = b"DHGF"
+_PREFIX = struct.Struct(">4sIH")
+_LEN = struct.Struct(">Q")
+
+MAX_HEADER_BYTES = 8 * 1024 * 1024
+MAX_PAYLOADS = 4096
+DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024 * 1024
+# Once a frame has started, the rest must arrive within this many seconds (a stalled peer must
+# not hang the reader forever).
+DEFAULT_STALL_TIMEOUT = 30.0
+
+# Requests (host -> agent), field "op".
+OP_HELLO = "hello"
+OP_EXEC = "exec"
+OP_CANCEL = "cancel"
+OP_TABLES = "tables"
+OP_FETCH = "fetch"
+OP_STATS = "stats"
+OP_COMPLETE = "complete"
+OP_INSPECT = "inspect"
+OP_RESTORED = "restored"
+
+# Events (agent -> host), field "ev". Every event answering a request carries "re": request id.
+EV_HELLO = "hello"
+EV_STDOUT = "stdout"
+EV_STDERR = "stderr"
+EV_TABLE = "table"
+EV_ERROR = "error"
+EV_DONE = "done"
+EV_RESULT = "result"
+
+
+class ProtocolError(Exception):
+    """The byte stream did not hold a valid frame.
+
+    ``recoverable`` is True when the frame's bounds were known and skipped, so the stream can be
+    read on; False when the stream is out of step and must be closed.
+    """
+
+    def __init__(self, message: str, recoverable: bool = False):
+        super().__init__(message)
+        self.recoverable = recoverable
+
+
+class ConnectionClosed(EOFError):
+    """The peer closed the stream (cleanly between frames, or in the middle of one)."""
+
+
+@dataclass
+class Frame:
+    """One decoded message: its JSON header and its raw payloads."""
+
+    header: dict[str, Any]
+    payloads: list[memoryview] = field(default_factory=list)
+
+
+def encode(header: dict[str, Any], payloads: Sequence[bytes | bytearray | memoryview] = ()) -> list:
+    """Encode a frame as a list of buffers to write in order (payloads are not copied)."""
+    head = json.dumps(header, separators=(",", ":"), default=str).encode()
+    if len(head) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"frame header is {len(head)} bytes, over the {MAX_HEADER_BYTES} limit")
+    if len(payloads) > MAX_PAYLOADS:
+        raise ProtocolError(f"frame has {len(payloads)} payloads, over the {MAX_PAYLOADS} limit")
+    sizes = [memoryview(p).nbytes for p in payloads]
+    prefix = _PREFIX.pack(MAGIC, len(head), len(sizes)) + b"".join(_LEN.pack(s) for s in sizes)
+    return [prefix + head, *payloads]
+
+
+def decode_bytes(data: bytes) -> Frame:
+    """Decode one whole frame held in memory (for tests and tools)."""
+    import io
+
+    return FrameReader(io.BytesIO(data)).read()
+
+
+class _SocketReader:
+    """Buffered reads from a socket that survive a timeout: a timed-out recv consumes nothing.
+
+    (``socket.makefile`` cannot be read again after a timeout.)
+    """
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._buf = bytearray()
+
+    def readinto(self, view) -> int:
+        if self._buf:
+            n = min(len(view), len(self._buf))
+            view[:n] = self._buf[:n]
+            del self._buf[:n]
+            return n
+        if len(view) >= 1 << 16:
+            return self._sock.recv_into(view)
+        data = self._sock.recv(1 << 16)
+        n = min(len(view), len(data))
+        view[:n] = data[:n]
+        self._buf += data[n:]
+        return n
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        k = self.readinto(memoryview(buf))
+        return bytes(buf[:k])
+
+
+class FrameReader:
+    """Reads frames from a binary file-like object (e.g. ``socket.makefile('rb')``)."""
+
+    def __init__(self, rfile, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+        self._rfile = rfile
+        self.max_frame_bytes = max_frame_bytes
+
+    def _read_exact(self, n: int, started: bool, on_start=None) -> memoryview:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self._rfile.readinto(view[got:])
+            if not k:
+                if got == 0 and not started:
+                    raise ConnectionClosed("peer closed the connection")
+                raise ConnectionClosed(f"peer closed the connection in the middle of a frame ({got}/{n} bytes)")
+            if got == 0 and on_start:
+                on_start()
+            got += k
+        return view
+
+    def _skip(self, n: int) -> None:
+        while n > 0:
+            chunk = self._rfile.read(min(n, 1 << 20))
+            if not chunk:
+                raise ConnectionClosed("peer closed the connection while an oversized frame was skipped")
+            n -= len(chunk)
+
+    def read(self, on_start=None) -> Frame:
+        """Read the next frame. ``on_start`` is called once its first bytes have arrived."""
+        prefix = self._read_exact(_PREFIX.size, started=False, on_start=on_start)
+        magic, head_len, n_payloads = _PREFIX.unpack(prefix)
+        if magic != MAGIC:
+            raise ProtocolError(f"bad frame magic {bytes(magic)!r} (expected {MAGIC!r}): not a dhg peer, or out of step")
+        if head_len > MAX_HEADER_BYTES:
+            raise ProtocolError(f"frame header of {head_len} bytes is over the {MAX_HEADER_BYTES} limit")
+        if n_payloads > MAX_PAYLOADS:
+            raise ProtocolError(f"frame declares {n_payloads} payloads, over the {MAX_PAYLOADS} limit")
+        sizes = [_LEN.unpack_from(self._read_exact(_LEN.size * n_payloads, True), i * _LEN.size)[0]
+                 for i in range(n_payloads)] if n_payloads else []
+        total = head_len + sum(sizes)
+        if total > self.max_frame_bytes:
+            self._skip(total)
+            raise ProtocolError(f"frame of {total} bytes is over the {self.max_frame_bytes}-byte limit", recoverable=True)
+        raw_head = self._read_exact(head_len, True)
+        payloads = [self._read_exact(s, True) for s in sizes]
+        try:
+            header = json.loads(bytes(raw_head))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ProtocolError(f"frame header is not valid JSON: {e}", recoverable=True) from None
+        if not isinstance(header, dict):
+            raise ProtocolError("frame header must be a JSON object", recoverable=True)
+        return Frame(header, payloads)
+
+
+class FdChannel:
+    """A socket-like face on a character device (a virtio-serial port), so FrameStream can use it."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._timeout: float | None = None
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._timeout = timeout
+
+    def recv(self, n: int) -> bytes:
+        if self._timeout is not None and not select.select([self.fd], [], [], self._timeout)[0]:
+            raise socket.timeout("timed out")
+        return os.read(self.fd, n)
+
+    def recv_into(self, view, n: int = 0) -> int:
+        data = self.recv(n or len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def sendall(self, buf) -> None:
+        mv = memoryview(buf).cast("B")
+        while mv:
+            mv = mv[os.write(self.fd, mv):]
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+class FrameStream:
+    """A framed, thread-safe duplex over a connected stream socket.
+
+    ``send`` may be called from several threads; ``recv`` from one reader at a time.
+    """
+
+    def __init__(self, sock, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 stall_timeout: float = DEFAULT_STALL_TIMEOUT):
+        self.sock = sock
+        self._reader = FrameReader(_SocketReader(sock), max_frame_bytes)
+        self._send_lock = threading.Lock()
+        self.stall_timeout = stall_timeout
+
+    def send(self, header: dict[str, Any], payloads: Sequence[bytes | bytearray | memoryview] = ()) -> None:
+        """Send one frame."""
+        buffers = encode(header, payloads)
+        with self._send_lock:
+            for buf in buffers:
+                self.sock.sendall(buf)
+
+    def recv(self, timeout: float | None = None) -> Frame:
+        """Receive one frame; ``timeout`` bounds the wait for its first byte (``socket.timeout``)."""
+        self.sock.settimeout(timeout)
+        started = []
+
+        def on_start():
+            started.append(True)
+            self.sock.settimeout(self.stall_timeout)
+
+        try:
+            return self._reader.read(on_start=on_start)
+        except socket.timeout:
+            # A timeout before a frame's first byte leaves the stream intact; a stall inside one does not.
+            if started:
+                raise ProtocolError(f"peer stalled for {self.stall_timeout:g}s in the middle of a frame") from None
+            raise
+        finally:
+            try:
+                self.sock.settimeout(None)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Close both directions; a blocked reader in another thread wakes with ConnectionClosed."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def error_event(name: str, value: str, traceback: list[str] | None = None, re: int | None = None,
+                **extra: Any) -> dict[str, Any]:
+    """The header of an error event (used for both cell errors and protocol errors)."""
+    header: dict[str, Any] = {"ev": EV_ERROR, "name": name, "value": value, "traceback": traceback or []}
+    if re is not None:
+        header["re"] = re
+    header.update(extra)
+    return header

@@ -1,0 +1,379 @@
+"""A session: one agent (VM or local process) reused across cells, and the requests sent to it.
+
+This and the guest agent are the only places that give protocol frames meaning. The session
+starts its instance lazily (on the first cell), pushes the files a cell names (skipping ones it
+already sent with the same content), streams output to callbacks, and turns the agent's events
+into a ``CellResult``. A dead agent becomes an error in the cell; the next cell starts a new one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from . import protocol as P
+from .config import CANCEL_GRACE_S, DEFAULT_BACKEND, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_ROWS, Layout
+from .files import PushFile
+from .instances import reap_stale
+from .result import CellResult, ExecutionError, TableResult
+from .tables import read_ipc
+from .vm import Backend, Instance, get_backend
+
+
+class DhvmError(Exception):
+    """A problem the user can act on; the message says what happened and the command that fixes it."""
+
+
+class AgentDied(DhvmError):
+    """The agent (or its VM) went away in the middle of a request."""
+
+
+class AgentUnresponsive(DhvmError):
+    """The agent did not stop a cancelled cell in time; its instance was replaced."""
+
+
+_Stream = Callable[[str], None]
+
+
+class AgentClient:
+    """Requests and events over one connection to an agent; a reader thread queues incoming frames
+    so that waiting for them can be interrupted (Ctrl-C, a deadline) without tearing a frame."""
+
+    def __init__(self, sock: socket.socket):
+        self.stream = P.FrameStream(sock)
+        self._next_id = 0
+        self._lock = threading.Lock()
+        self._frames: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read_loop, name="dhg-client-reader", daemon=True)
+        self._reader.start()
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                self._frames.put(self.stream.recv())
+            except (P.ConnectionClosed, P.ProtocolError, OSError) as e:
+                self._frames.put(e)
+                return
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def new_id(self) -> int:
+        with self._lock:
+            self._next_id += 1
+            return self._next_id
+
+    def request(self, header: dict, payloads: Sequence = (), on_frame: Callable[[P.Frame], None] | None = None,
+                timeout: float | None = None) -> dict:
+        """Send a request and handle its events until its ``done``; returns the done header.
+
+        A deadline or a KeyboardInterrupt sends a cancel and waits ``CANCEL_GRACE_S`` for the
+        agent to finish the request; past that (or on a second interrupt) AgentUnresponsive.
+        """
+        rid = self.new_id()
+        self.stream.send({**header, "id": rid}, payloads)
+        deadline = time.monotonic() + timeout if timeout else None
+        cancel_deadline: float | None = None
+        interrupted: BaseException | None = None
+        while True:
+            limit = cancel_deadline if cancel_deadline is not None else deadline
+            wait = None if limit is None else max(0.0, limit - time.monotonic())
+            try:
+                item = self._frames.get(timeout=wait)
+            except queue.Empty:
+                if cancel_deadline is None:
+                    cancel_deadline = self._cancel(rid)
+                    continue
+                raise AgentUnresponsive(
+                    f"the cell did not stop within {CANCEL_GRACE_S:g}s of being cancelled") from None
+            except KeyboardInterrupt as e:
+                if cancel_deadline is not None:
+                    raise AgentUnresponsive("interrupted twice; the cell did not stop") from None
+                interrupted = e
+                cancel_deadline = self._cancel(rid)
+                continue
+            if isinstance(item, Exception):
+                self._frames.put(item)  # later requests see the same end of stream
+                raise AgentDied(f"connection to the agent lost: {item}")
+            ev = item.header
+            if ev.get("ev") == P.EV_ERROR and ev.get("re") is None:
+                raise DhvmError(f"the agent rejected a frame: {ev.get('name')}: {ev.get('value')}")
+            if ev.get("re") != rid:
+                continue  # a straggler from an earlier, abandoned request
+            if on_frame:
+                on_frame(item)
+            if ev.get("ev") == P.EV_DONE:
+                if interrupted is not None and ev.get("status") == "cancelled":
+                    ev["interrupted"] = True
+                return ev
+
+    def _cancel(self, rid: int) -> float:
+        try:
+            self.stream.send({"op": P.OP_CANCEL, "id": self.new_id(), "target": rid})
+        except OSError:
+            pass
+        return time.monotonic() + CANCEL_GRACE_S
+
+
+@dataclass
+class _Pushed:
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+_live_sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
+
+
+class Session:
+    """One agent reused across cells (per-session mode)."""
+
+    def __init__(self, backend: str = DEFAULT_BACKEND, config_dir: str | os.PathLike | None = None,
+                 **backend_options):
+        self.layout = Layout.resolve(config_dir)
+        self.backend_name = backend
+        self.backend_options = backend_options
+        self._backend: Backend | None = None
+        self.instance: Instance | None = None
+        self.client: AgentClient | None = None
+        self.info: dict = {}
+        self.pushed: dict[str, _Pushed] = {}
+        self.last_start_ms: float | None = None
+        self._lock = threading.RLock()
+        _live_sessions.add(self)
+        _install_exit_hooks()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = get_backend(self.backend_name, self.layout, **self.backend_options)
+        return self._backend
+
+    @property
+    def running(self) -> bool:
+        return self.instance is not None and self.client is not None
+
+    def start(self) -> dict:
+        """Start the instance (if not running) and greet its agent; returns the agent's hello."""
+        with self._lock:
+            if self.running:
+                return self.info
+            reap_stale(self.layout)
+            t0 = time.perf_counter()
+            self.instance = self.backend.start()
+            try:
+                self.client = AgentClient(self.instance.connect(timeout=30))
+                done = self.client.request({"op": P.OP_HELLO, "version": P.PROTOCOL_VERSION}, timeout=30)
+            except (DhvmError, OSError, Exception):
+                self.stop()
+                raise
+            if done.get("version") != P.PROTOCOL_VERSION:
+                self.stop()
+                raise DhvmError(f"the agent speaks protocol {done.get('version')}, this host {P.PROTOCOL_VERSION}; "
+                                f"rebuild the image so both match. Run: dhvm prepare --rebuild")
+            self.info = done
+            self.pushed.clear()
+            self.last_start_ms = (time.perf_counter() - t0) * 1000
+            return self.info
+
+    def stop(self) -> None:
+        """Destroy the instance (idempotent)."""
+        with self._lock:
+            if self.client is not None:
+                self.client.close()
+            if self.instance is not None:
+                self.instance.stop()
+            self.client = self.instance = None
+            self.info = {}
+            self.pushed.clear()
+
+    def reset(self) -> None:
+        """Throw the server away; the next cell gets a fresh one."""
+        self.stop()
+
+    def _lost(self) -> str:
+        """Tear down a dead or stuck instance; returns its log tail for the error message."""
+        tail = self.instance.log_tail() if self.instance else ""
+        self.stop()
+        return tail
+
+    # -- cells -------------------------------------------------------------------------------------
+
+    def _files_to_send(self, files: Sequence[PushFile]) -> tuple[list[dict], list[bytes], dict[str, _Pushed]]:
+        metas, datas, record = [], [], {}
+        for f in files:
+            st = f.path.stat()
+            prev = self.pushed.get(f.rel)
+            if prev and (prev.size, prev.mtime_ns) == (st.st_size, st.st_mtime_ns):
+                continue
+            data = f.path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            if prev and prev.sha256 == digest:
+                record[f.rel] = _Pushed(st.st_size, st.st_mtime_ns, digest)
+                continue
+            metas.append({"path": f.rel, "size": len(data)})
+            datas.append(data)
+            record[f.rel] = _Pushed(len(data), st.st_mtime_ns, digest)
+        return metas, datas, record
+
+    def execute(self, code: str, files: Sequence[PushFile] = (), *, max_rows: int | None = DEFAULT_MAX_ROWS,
+                timeout: float | None = None, dtype_backend: str = DEFAULT_DTYPE_BACKEND,
+                on_stdout: _Stream | None = None, on_stderr: _Stream | None = None) -> CellResult:
+        """Run one cell; output is streamed to the callbacks as it arrives."""
+        with self._lock:
+            t0 = time.perf_counter()
+            self.start()
+            assert self.client is not None and self.instance is not None
+            start_ms = (time.perf_counter() - t0) * 1000
+            metas, datas, record = self._files_to_send(files)
+            result = CellResult(backend=f"{self.backend_name} ({self.instance.id})",
+                                files=[m["path"] for m in metas])
+            header = {"op": P.OP_EXEC, "code": code, "options": {"max_rows": max_rows}}
+            if metas:
+                header["files"] = metas
+
+            out, err = [], []
+
+            def on_frame(frame: P.Frame) -> None:
+                h = frame.header
+                kind = h.get("ev")
+                if kind == P.EV_STDOUT:
+                    out.append(h["text"])
+                    if on_stdout:
+                        on_stdout(h["text"])
+                elif kind == P.EV_STDERR:
+                    err.append(h["text"])
+                    if on_stderr:
+                        on_stderr(h["text"])
+                elif kind == P.EV_TABLE:
+                    result.tables.append(_table_result(h, frame.payloads[0], dtype_backend))
+                elif kind == P.EV_ERROR:
+                    result.error = ExecutionError(h.get("name", "Error"), h.get("value", ""), h.get("traceback") or [])
+
+            t1 = time.perf_counter()
+            try:
+                done = self.client.request(header, datas, on_frame, timeout=timeout)
+            except AgentUnresponsive as e:
+                tail = self._lost()
+                result.status = "cancelled"
+                result.error = ExecutionError("KeyboardInterrupt", f"{e}; the {self.backend_name} instance was "
+                                              "replaced and its state (tables, variables) is lost. "
+                                              "The next cell starts a fresh server.", [tail])
+                done = {}
+            except AgentDied as e:
+                tail = self._lost()
+                result.status = "error"
+                result.error = ExecutionError("AgentDied", f"the Deephaven {self.backend_name} instance died during "
+                                              f"the cell ({e}). The next cell starts a fresh server; "
+                                              f"variables and tables are lost.", [tail])
+                done = {}
+            else:
+                if done.get("status") == "ok":
+                    self.pushed.update(record)
+                elif result.files and done.get("timings", {}).get("exec_ms") is not None:
+                    self.pushed.update(record)  # the files were written even though the cell failed
+                result.status = done.get("status", "error")
+                if timeout and result.status == "cancelled" and not done.get("interrupted") and result.error:
+                    result.error.value = f"cell timed out after {timeout:g}s (--timeout) and was cancelled"
+            result.stdout, result.stderr = "".join(out), "".join(err)
+            result.timings = {"start_ms": round(start_ms, 3), **done.get("timings", {}),
+                              "roundtrip_ms": round((time.perf_counter() - t1) * 1000, 3),
+                              "total_ms": round((time.perf_counter() - t0) * 1000, 3)}
+            return result
+
+    # -- other requests ----------------------------------------------------------------------------
+
+    def _simple(self, header: dict, on_frame=None, timeout: float | None = 60) -> dict:
+        with self._lock:
+            self.start()
+            assert self.client is not None
+            errors: list[dict] = []
+
+            def collect(frame: P.Frame) -> None:
+                if frame.header.get("ev") == P.EV_ERROR:
+                    errors.append(frame.header)
+                elif on_frame:
+                    on_frame(frame)
+
+            try:
+                done = self.client.request(header, (), collect, timeout=timeout)
+            except (AgentDied, AgentUnresponsive) as e:
+                tail = self._lost()
+                raise AgentDied(f"{e}\n{tail}") from None
+            if errors:
+                raise DhvmError(f"{errors[0].get('name')}: {errors[0].get('value')}")
+            return done
+
+    def tables(self) -> list[dict]:
+        """The Deephaven tables in the session's scope: name, rows, columns, refreshing."""
+        return self._simple({"op": P.OP_TABLES})["tables"]
+
+    def fetch(self, name: str, max_rows: int | None = DEFAULT_MAX_ROWS,
+              dtype_backend: str = DEFAULT_DTYPE_BACKEND) -> TableResult:
+        """One table from the session's scope (its first ``max_rows`` rows)."""
+        got: list[TableResult] = []
+        self._simple({"op": P.OP_FETCH, "name": name, "max_rows": max_rows},
+                     lambda f: got.append(_table_result(f.header, f.payloads[0], dtype_backend)), timeout=None)
+        return got[0]
+
+    def stats(self) -> dict:
+        """Agent statistics (cells run, memory, uptime)."""
+        return {k: v for k, v in self._simple({"op": P.OP_STATS}).items() if k not in ("ev", "re", "status")}
+
+    def status(self) -> dict:
+        """What ``%dhvm status`` shows: backend, instance, server, without starting anything."""
+        out = {"backend": self.backend_name, "running": self.running, "dhg_home": str(self.layout.home)}
+        try:
+            out.update(self.backend.describe())
+        except Exception as e:  # status must not fail on a broken backend
+            out["backend_error"] = str(e)
+        if self.instance is not None:
+            out["instance"] = self.instance.describe()
+            out["server"] = self.info.get("server")
+            out["deephaven_version"] = self.info.get("deephaven_version")
+            out["files_pushed"] = len(self.pushed)
+        return out
+
+
+def _table_result(header: dict, payload, dtype_backend: str) -> TableResult:
+    return TableResult(name=header["name"], rows=header.get("rows", 0), arrow=read_ipc(payload),
+                       columns=header.get("columns", []), truncated=bool(header.get("truncated")),
+                       refreshing=bool(header.get("refreshing")), dtype_backend=dtype_backend)
+
+
+def stop_all_sessions() -> None:
+    """Destroy every live session's instance (at exit and on SIGTERM)."""
+    for s in list(_live_sessions):
+        try:
+            s.stop()
+        except Exception:
+            pass
+
+
+_hooks_installed = False
+
+
+def _install_exit_hooks() -> None:
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    atexit.register(stop_all_sessions)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        def on_term(signum, frame):
+            stop_all_sessions()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, on_term)

@@ -1,0 +1,103 @@
+"""The small interface every backend implements: start, connect to the agent, stop, describe."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from ..instances import InstanceRecord, destroy
+
+
+class BackendUnavailable(Exception):
+    """The backend cannot run here; the message says why and what fixes it."""
+
+
+class AgentStartError(Exception):
+    """An instance was started but its agent never answered."""
+
+
+class Instance(ABC):
+    """One running agent (a VM, or a local process) owned by this process."""
+
+    def __init__(self, record: InstanceRecord):
+        self.record = record
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.record.dir)
+
+    @abstractmethod
+    def connect(self, timeout: float) -> socket.socket:
+        """A connected stream socket to the agent (retrying until ``timeout`` while it comes up)."""
+
+    @abstractmethod
+    def alive(self) -> bool:
+        """True while the instance's processes run."""
+
+    def stop(self) -> None:
+        """Destroy the instance: processes killed, run directory removed. Idempotent."""
+        destroy(self.record)
+
+    def describe(self) -> dict:
+        """What ``status`` shows about this instance."""
+        return {"id": self.id, "backend": self.record.backend, "dir": str(self.dir),
+                "alive": self.alive(), **self.record.info}
+
+    def log_tail(self, lines: int = 25) -> str:
+        """The end of the instance's log, for error messages."""
+        log = self.dir / "agent.log"
+        try:
+            return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class Backend(ABC):
+    """Starts instances of one kind."""
+
+    name: str = "?"
+
+    @abstractmethod
+    def start(self) -> Instance:
+        """Start (or restore) an instance whose agent is ready to accept a connection."""
+
+    def describe(self) -> dict:
+        """Backend facts for ``status`` (accel, snapshot, why it was chosen…)."""
+        return {"backend": self.name}
+
+
+def connect_unix(path: Path, timeout: float, is_alive=lambda: True) -> socket.socket:
+    """Connect to a unix socket, retrying while it is not there yet.
+
+    Paths longer than the kernel's 108-byte limit are reached through /proc/self/fd.
+    """
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dfd = None
+        try:
+            target = str(path)
+            if len(target) > 100:
+                dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                target = f"/proc/self/fd/{dfd}/{path.name}"
+            sock.connect(target)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            sock.close()
+            last = e
+        finally:
+            if dfd is not None:
+                os.close(dfd)
+        if not is_alive():
+            raise AgentStartError(f"the agent exited before it listened on {path}")
+        if time.monotonic() >= deadline:
+            raise AgentStartError(f"the agent did not listen on {path} within {timeout:.0f}s ({last})")
+        time.sleep(0.05)

@@ -1,0 +1,102 @@
+"""The local backend: the guest agent as a plain subprocess on the host, over a unix socket.
+
+No isolation: for hosts without virtualization and for fast tests of everything above the VM layer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+
+from ..config import AGENT_START_TIMEOUT_S, Layout
+from ..instances import new_instance
+from .base import AgentStartError, Backend, BackendUnavailable, Instance, connect_unix
+
+
+def agent_script() -> str:
+    """Path of the guest agent's source file (``guest/agent.py``, packaged as ``dhg_kernel.guest``)."""
+    spec = importlib.util.find_spec("dhg_kernel.guest.agent")
+    if spec is None or not spec.origin:
+        raise BackendUnavailable("the guest agent (dhg_kernel.guest.agent) is missing from this install; "
+                                 "reinstall: pip install -e '.[local]'")
+    return spec.origin
+
+
+class LocalInstance(Instance):
+    """An agent subprocess in its own session (so its whole process group can be killed)."""
+
+    def __init__(self, record, proc: subprocess.Popen):
+        super().__init__(record)
+        self.proc = proc
+
+    @property
+    def socket_path(self):
+        return self.dir / "agent.sock"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def connect(self, timeout: float) -> socket.socket:
+        return connect_unix(self.socket_path, timeout, self.alive)
+
+    def stop(self) -> None:
+        super().stop()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class LocalBackend(Backend):
+    """Runs ``python -m dhg_kernel.guest.agent`` with the host's (or a configured) Python."""
+
+    name = "local"
+
+    def __init__(self, layout: Layout, python: str | None = None, heap: str = "2g", psk: str | None = None,
+                 start_timeout: float = AGENT_START_TIMEOUT_S):
+        self.layout = layout
+        self.python = python or sys.executable
+        self.heap = heap
+        self.psk = psk
+        self.start_timeout = start_timeout
+
+    def check(self) -> None:
+        """Raise BackendUnavailable when the agent's Python cannot run Deephaven."""
+        if self.python == sys.executable and importlib.util.find_spec("deephaven_server") is None:
+            raise BackendUnavailable(
+                f"deephaven-server is not installed for {self.python}, so the local backend cannot start a "
+                f"Deephaven server. Run: pip install 'dhg_kernel[local]'")
+
+    def start(self) -> LocalInstance:
+        self.check()
+        rec = new_instance(self.layout, self.name)
+        sock = os.path.join(rec.dir, "agent.sock")
+        cmd = [self.python, agent_script(), "--socket", sock,
+               "--workdir", os.path.join(rec.dir, "work"), "--heap", self.heap,
+               "--owner-pid", str(os.getpid())]
+        env = dict(os.environ)
+        if self.psk:
+            env["DHG_PSK"] = self.psk
+        # The agent imports dhg_kernel.protocol: make this very copy importable, whatever the Python.
+        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+        with open(os.path.join(rec.dir, "agent.log"), "ab") as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=rec.dir, env=env, start_new_session=True)
+        rec.add_process(proc.pid, "agent")
+        rec.info.update({"socket": sock, "python": self.python})
+        rec.save()
+        inst = LocalInstance(rec, proc)
+        try:
+            inst.connect(self.start_timeout).close()
+        except AgentStartError as e:
+            tail = inst.log_tail()
+            inst.stop()
+            raise AgentStartError(f"local agent failed to start: {e}\n--- agent.log (last lines) ---\n{tail}") from None
+        return inst
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "isolation": "none (a host process)", "python": self.python}
