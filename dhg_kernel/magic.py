@@ -182,11 +182,9 @@ class Dhvm(Magics):
 
 
 def _writer(stream):
-    def write(text: str) -> None:
-        stream.write(text)
-        stream.flush()
-
-    return write
+    # No flush per write: ipykernel's stream flushes on its own short interval, which merges the
+    # pieces of one print() into one output instead of four.
+    return stream.write
 
 
 def _print_mapping(data: dict, indent: str = "") -> None:

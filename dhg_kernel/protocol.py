@@ -170,8 +170,10 @@ class FrameReader:
             raise ProtocolError(f"frame header of {head_len} bytes is over the {MAX_HEADER_BYTES} limit")
         if n_payloads > MAX_PAYLOADS:
             raise ProtocolError(f"frame declares {n_payloads} payloads, over the {MAX_PAYLOADS} limit")
-        sizes = [_LEN.unpack_from(self._read_exact(_LEN.size * n_payloads, True), i * _LEN.size)[0]
-                 for i in range(n_payloads)] if n_payloads else []
+        sizes: list[int] = []
+        if n_payloads:
+            raw_sizes = self._read_exact(_LEN.size * n_payloads, True)
+            sizes = [_LEN.unpack_from(raw_sizes, i * _LEN.size)[0] for i in range(n_payloads)]
         total = head_len + sum(sizes)
         if total > self.max_frame_bytes:
             self._skip(total)

@@ -323,8 +323,12 @@ class Session:
               dtype_backend: str = DEFAULT_DTYPE_BACKEND) -> TableResult:
         """One table from the session's scope (its first ``max_rows`` rows)."""
         got: list[TableResult] = []
-        self._simple({"op": P.OP_FETCH, "name": name, "max_rows": max_rows},
-                     lambda f: got.append(_table_result(f.header, f.payloads[0], dtype_backend)), timeout=None)
+
+        def on_frame(frame: P.Frame) -> None:
+            if frame.header.get("ev") == P.EV_TABLE:
+                got.append(_table_result(frame.header, frame.payloads[0], dtype_backend))
+
+        self._simple({"op": P.OP_FETCH, "name": name, "max_rows": max_rows}, on_frame, timeout=None)
         return got[0]
 
     def stats(self) -> dict:

@@ -1,0 +1,207 @@
+"""Real microVMs: restore from the prepared snapshot, run cells, isolation, reaping.
+
+These boot QEMU (TCG here). The session fixture runs ``prepare`` into ``$DHG_TEST_HOME``
+(default ``~/.dhg-test``), which is kept between runs: the first run builds the image and takes
+a cold boot (minutes); later runs find every phase up to date in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dhg_kernel.config import Layout
+from dhg_kernel.files import PushFile
+from dhg_kernel.vm.qemu import qemu_binary
+
+pytestmark = pytest.mark.qemu
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def qemu_home() -> Path:
+    """A DHG_HOME holding a prepared QEMU image and snapshot (built once, cached between runs)."""
+    if not qemu_binary():
+        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    from dhg_kernel.image import PrepareError, prepare
+
+    home = Path(os.environ.get("DHG_TEST_HOME", "~/.dhg-test")).expanduser()
+    layout = Layout(home)
+    have_snapshot = (layout.snapshots() / "metadata.json").is_file()
+    if not have_snapshot and os.environ.get("DHG_TEST_PREPARE", "1") == "0":
+        pytest.skip(f"no prepared QEMU snapshot under {home} and DHG_TEST_PREPARE=0")
+    if not have_snapshot and os.geteuid() != 0:
+        pytest.skip(f"no prepared QEMU snapshot under {home}, and building one needs root "
+                    f"(run: sudo python -m dhg_kernel.image --config-dir {home})")
+    try:
+        prepare(layout, progress=lambda m: print(f"[prepare] {m}", file=sys.stderr))
+    except PrepareError as e:
+        pytest.skip(f"could not prepare the QEMU image: {e}")
+    return home
+
+
+@pytest.fixture
+def vm(qemu_home):
+    """A session on a freshly restored microVM."""
+    from dhg_kernel.session import Session
+
+    s = Session(backend="qemu", config_dir=qemu_home)
+    yield s
+    s.stop()
+
+
+def test_restore_runs_a_cell_and_streams_print_output(vm):
+    r = vm.execute("import platform\nprint('hello from', platform.node())")
+    assert r.status == "ok", r.error
+    assert r.stdout == "hello from dhg-vm\n"
+    assert vm.instance.describe()["accel"] in ("tcg", "kvm")
+
+
+def test_restore_is_fast(vm):
+    vm.start()
+    # Restore (QEMU start, device state, clock/entropy) plus the hello round trip.
+    assert vm.last_start_ms < 5000, vm.last_start_ms
+
+
+def test_tables_come_back_as_dataframes(vm):
+    r = vm.execute(textwrap.dedent("""
+        from deephaven import empty_table
+        t = empty_table(100).update(["X = i", "Y = X * 1.5", "S = `s` + X"]).where("X > 3")
+    """), max_rows=50)
+    assert r.status == "ok", r.error
+    (t,) = r.tables
+    assert t.name == "t" and t.rows == 96 and t.truncated
+    df = t.df
+    assert list(df.columns) == ["X", "Y", "S"]
+    assert len(df) == 50 and df["X"].iloc[0] == 4 and df["S"].iloc[0] == "s4"
+
+
+def test_state_persists_across_cells_in_one_vm(vm):
+    assert vm.execute("n = 41").status == "ok"
+    assert vm.execute("print(n + 1)").stdout == "42\n"
+
+
+def test_pushed_file_is_readable_by_deephaven_in_the_guest(vm, tmp_path):
+    csv = tmp_path / "trades.csv"
+    csv.write_text("sym,px,qty\nAAPL,1.5,10\nMSFT,2.5,20\nGOOG,3.5,30\n")
+    r = vm.execute("from deephaven import read_csv\ntrades = read_csv('data/trades.csv')",
+                   files=[PushFile("data/trades.csv", csv, csv.stat().st_size)])
+    assert r.status == "ok", r.error
+    df = r.tables[0].df
+    assert list(df["sym"]) == ["AAPL", "MSFT", "GOOG"] and df["qty"].sum() == 60
+
+
+def test_guest_cannot_open_outbound_connections(vm):
+    # A listener on the host's loopback: user networking would map it to 10.0.2.2 in the guest
+    # were the VM not restricted. Nothing here leaves the machine either way.
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        port = srv.getsockname()[1]
+        r = vm.execute(textwrap.dedent(f"""
+            import socket
+            for host in ("10.0.2.2", "10.0.2.3"):
+                try:
+                    socket.create_connection((host, {port}), timeout=3).close()
+                    print(host, "connected")
+                except OSError as e:
+                    print(host, "blocked", type(e).__name__)
+        """), timeout=60)
+        srv.settimeout(0.1)
+        with pytest.raises(socket.timeout):
+            srv.accept()
+    assert r.status == "ok", r.error
+    assert "connected" not in r.stdout, r.stdout
+    assert r.stdout.count("blocked") == 2
+
+
+def test_deephaven_port_is_forwarded_to_loopback_only(vm):
+    vm.start()
+    port = vm.instance.host_port
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass  # the guest's Deephaven answers on the forwarded port
+    assert vm.instance.describe()["deephaven_port"] == f"127.0.0.1:{port}"
+
+
+def test_two_vms_at_once_are_isolated(qemu_home):
+    from dhg_kernel.session import Session
+
+    a, b = Session(backend="qemu", config_dir=qemu_home), Session(backend="qemu", config_dir=qemu_home)
+    try:
+        threads = [threading.Thread(target=s.execute, args=(f"who = {i}",)) for i, s in enumerate((a, b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert a.execute("print(who)").stdout == "0\n"
+        assert b.execute("print(who)").stdout == "1\n"
+        assert a.instance.id != b.instance.id and a.instance.host_port != b.instance.host_port
+        assert a.instance.alive() and b.instance.alive()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_clones_never_write_the_snapshot_memory_file(vm, qemu_home):
+    mem = Layout(qemu_home).snapshots() / "mem"
+    before = mem.stat()
+    assert vm.execute("x = bytearray(64 << 20)\nprint(len(x))").status == "ok"
+    after = mem.stat()
+    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
+
+
+def test_stop_kills_qemu_and_removes_the_run_dir(vm):
+    vm.start()
+    pid, run_dir = vm.instance.proc.pid, vm.instance.dir
+    vm.stop()
+    assert not run_dir.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_killed_owner_process_is_reaped_on_next_start(qemu_home):
+    owner = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from dhg_kernel.session import Session
+        s = Session(backend="qemu", config_dir={str(qemu_home)!r})
+        s.start()
+        print(s.instance.proc.pid, s.instance.dir, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)], capture_output=True, text=True, timeout=120)
+    assert owner.returncode == -signal.SIGKILL, owner.stderr
+    pid_s, run_dir = owner.stdout.split()
+    pid = int(pid_s)
+    os.kill(pid, 0)  # the orphaned VM is still running
+    from dhg_kernel.session import Session
+
+    s = Session(backend="qemu", config_dir=qemu_home)
+    try:
+        s.start()  # reaps instances whose owner is gone
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.1)
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        assert not Path(run_dir).exists()
+    finally:
+        s.stop()
+
+
+def test_second_prepare_with_nothing_changed_takes_seconds(qemu_home):
+    from dhg_kernel.image import prepare
+
+    lines: list[str] = []
+    t0 = time.monotonic()
+    prepare(Layout(qemu_home), progress=lines.append)
+    assert time.monotonic() - t0 < 30
+    assert sum("up to date" in ln for ln in lines) == 7, lines
