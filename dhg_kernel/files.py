@@ -145,5 +145,5 @@ def check_limit(files: Sequence[PushFile], limit_mb: float = DEFAULT_MAX_PUSH_MB
     raise FileLimitError(
         f"the cell names {len(files)} file(s) totalling {need:.1f} MiB, over the {limit_mb:g} MiB push limit; "
         f"the cell was not run.\n{lines}\n"
-        f"Raise the limit for one cell with `%%dhvm --max-push-mb {int(need) + 1}`, for the session with "
-        f"`%config Dhvm.max_push_mb = {int(need) + 1}`, or skip scanning with `--no-files`.")
+        f"Raise the limit with `--max-push-mb {int(need) + 1}` (on `%%dhvm` or `dhvm exec`), for the whole "
+        f"session with `%config Dhvm.max_push_mb = {int(need) + 1}`, or skip scanning with `--no-files`.")

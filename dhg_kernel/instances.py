@@ -23,14 +23,19 @@ INSTANCE_FILE = "instance.json"
 
 
 def proc_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (from /proc), or None if it is gone."""
+    """The process's start time in clock ticks since boot (from /proc), or None if it is gone.
+
+    A zombie (dead, not yet waited for) counts as gone.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             stat = fh.read().decode(errors="replace")
     except OSError:
         return None
-    # Field 22 (starttime); the command name (field 2) may hold spaces, so split after its ')'.
+    # The command name (field 2) may hold spaces, so split after its ')': then state is first, starttime 20th.
     fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):
+        return None
     return int(fields[19])
 
 
@@ -103,7 +108,7 @@ def kill_processes(rec: InstanceRecord, grace: float = 3.0) -> None:
         _signal_group(p.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(alive(p.pid, p.start_time) for p in live):
-        time.sleep(0.05)
+        time.sleep(0.02)
     for p in live:
         if alive(p.pid, p.start_time):
             _signal_group(p.pid, signal.SIGKILL)

@@ -1,0 +1,120 @@
+"""`dhvm exec`, and that instances are cleaned up: on stop, on SIGTERM, and after a kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from dhg_kernel.config import Layout
+from dhg_kernel.instances import alive, list_instances, reap_stale
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def dhvm(*args, cwd, home, check=True):
+    env = {**os.environ, "DHG_HOME": str(home)}
+    p = subprocess.run([sys.executable, "-m", "dhg_kernel.cli", *args], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=300)
+    if check and p.returncode not in (0, 1):
+        raise AssertionError(f"dhvm {args} exited {p.returncode}: {p.stderr}")
+    return p
+
+
+def test_exec_json_reports_output_tables_and_pushed_files(workspace, tmp_path):
+    home = tmp_path / "home"
+    code = 'from deephaven import read_csv\nt = read_csv("data/trades.csv")\nprint("n", t.size)'
+    p = dhvm("exec", "--json", "-c", code, cwd=workspace, home=home)
+    out = json.loads(p.stdout)
+    assert p.returncode == 0 and out["ok"] and out["stdout"] == "n 3\n"
+    assert out["files"] == ["data/trades.csv"]
+    t = out["tables"][0]
+    assert t["name"] == "t" and t["rows"] == 3 and t["data"][0] == {"sym": "AAPL", "px": 1.5, "qty": 10}
+    assert out["timings"]["exec_ms"] > 0
+    assert list_instances(Layout(home)) == [], "the instance is gone after exec"
+
+
+def test_exec_script_file_prints_tables_and_fails_on_error(workspace, tmp_path):
+    home = tmp_path / "home"
+    (workspace / "job.py").write_text("from deephaven import empty_table\nsquares = empty_table(3).update('S = i * i')\n")
+    p = dhvm("exec", "job.py", cwd=workspace, home=home)
+    assert p.returncode == 0 and "squares" in p.stdout and "4" in p.stdout
+    p = dhvm("exec", "-c", "raise RuntimeError('nope')", cwd=workspace, home=home)
+    assert p.returncode == 1 and "RuntimeError: nope" in p.stderr
+
+
+def test_exec_refuses_files_over_the_limit(workspace, tmp_path):
+    (workspace / "big.csv").write_bytes(b"x" * 300_000)
+    p = dhvm("exec", "--max-push-mb", "0.1", "-c", 'open("big.csv")', cwd=workspace, home=tmp_path / "h", check=False)
+    assert p.returncode == 2 and "push limit" in p.stderr
+
+
+OWNER = textwrap.dedent("""
+    import sys, time
+    from dhg_kernel.session import Session
+    s = Session("local", sys.argv[1], heap="512m")
+    s.start()
+    print(s.instance.dir, s.instance.record.processes[0].pid, flush=True)
+    time.sleep(600)
+""")
+
+
+def _start_owner(home: Path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-c", OWNER, str(home)], stdout=subprocess.PIPE, text=True, env=env)
+    line = p.stdout.readline().split()
+    assert line, "the owner process did not start its agent"
+    return p, Path(line[0]), int(line[1])
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not alive(pid, None):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_kill_9_of_the_owner_leaves_nothing_after_the_next_start(tmp_path):
+    home = tmp_path / "home"
+    owner, inst_dir, agent_pid = _start_owner(home)
+    assert inst_dir.is_dir() and alive(agent_pid, None)
+    owner.kill()
+    owner.wait()
+    assert _wait_gone(agent_pid, 10), "the agent outlived its owner"
+    assert inst_dir.is_dir(), "nothing has reaped the directory yet"
+    assert reap_stale(Layout(home)) == [inst_dir.name]
+    assert not inst_dir.exists()
+
+
+def test_sigterm_of_the_owner_destroys_its_instance(tmp_path):
+    home = tmp_path / "home"
+    owner, inst_dir, agent_pid = _start_owner(home)
+    owner.send_signal(signal.SIGTERM)
+    owner.wait(timeout=20)
+    assert _wait_gone(agent_pid, 10)
+    assert not inst_dir.exists()
+
+
+def test_a_dead_agent_is_an_error_in_the_cell_and_the_next_cell_gets_a_new_one(dhg_home):
+    from dhg_kernel.session import Session
+
+    s = Session("local", dhg_home, heap="512m")
+    try:
+        s.execute("x = 1")
+        first = s.instance.id
+        r = s.execute("import os\nos._exit(3)")
+        assert r.error.name == "AgentDied" and "next cell starts a fresh server" in r.error.value
+        r = s.execute("print('back')")
+        assert r.ok and r.stdout == "back\n" and s.instance.id != first
+    finally:
+        s.stop()
