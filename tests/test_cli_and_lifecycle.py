@@ -118,3 +118,22 @@ def test_a_dead_agent_is_an_error_in_the_cell_and_the_next_cell_gets_a_new_one(d
         assert r.ok and r.stdout == "back\n" and s.instance.id != first
     finally:
         s.stop()
+
+
+def test_kernel_shutdown_destroys_the_magics_instance(tmp_path):
+    from jupyter_client.manager import start_new_kernel
+
+    home = tmp_path / "home"
+    km, kc = start_new_kernel(kernel_name="python3", env={**os.environ, "DHG_HOME": str(home)})
+    try:
+        kc.execute_interactive("%load_ext dhg_kernel", timeout=60)
+        reply = kc.execute_interactive("%%dhvm\nx = 1", timeout=300)
+        assert reply["content"]["status"] == "ok"
+        (record,) = list_instances(Layout(home))
+        agent_pid = record.processes[0].pid
+        assert alive(agent_pid, None)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    assert _wait_gone(agent_pid, 10)
+    assert list_instances(Layout(home)) == [] and not Path(record.dir).exists()
