@@ -8,7 +8,21 @@ import sys
 from .result import CellResult, ExecutionError, TableResult
 
 
-class RemoteCellError(Exception):
+class _RemoteTraceback:
+    """Shows the remote traceback in place of the local (uninteresting) one; IPython calls
+    ``_render_traceback_`` when an exception has it."""
+
+    error: ExecutionError
+
+    def _render_traceback_(self) -> list[str]:
+        lines = [line.rstrip("\n") for line in self.error.traceback]
+        if not lines or not lines[-1].startswith(self.error.name) or self.error.value not in lines[-1]:
+            # (also when the session reworded the error, e.g. "timed out", "instance replaced")
+            lines.append(f"\x1b[0;31m{self.error.name}\x1b[0m: {self.error.value}".rstrip(": "))
+        return ["\x1b[0;36m--- in the Deephaven VM ---\x1b[0m", *lines]
+
+
+class RemoteCellError(_RemoteTraceback, Exception):
     """Raised in the notebook when a cell failed in the VM; IPython shows the remote traceback.
 
     Subclasses are made on the fly with the remote exception's name, so a notebook error reads
@@ -19,18 +33,20 @@ class RemoteCellError(Exception):
         super().__init__(f"{error.name}: {error.value}")
         self.error = error
 
-    def _render_traceback_(self) -> list[str]:
-        # IPython calls this instead of formatting the local (uninteresting) traceback.
-        lines = [line.rstrip("\n") for line in self.error.traceback]
-        if not lines or not lines[-1].startswith(self.error.name):
-            lines.append(f"\x1b[0;31m{self.error.name}\x1b[0m: {self.error.value}")
-        return ["\x1b[0;36m--- in the Deephaven VM ---\x1b[0m", *lines]
+
+class RemoteInterrupt(_RemoteTraceback, KeyboardInterrupt):
+    """A cell cancelled by an interrupt or a timeout: a KeyboardInterrupt, with where the VM was."""
+
+    def __init__(self, error: ExecutionError):
+        super().__init__(error.value)
+        self.error = error
 
 
-def remote_error(error: ExecutionError) -> RemoteCellError:
-    """A RemoteCellError whose class name is the remote exception's name."""
-    name = error.name if error.name.isidentifier() else "RemoteCellError"
-    cls = type(name, (RemoteCellError,), {"__module__": "dhvm"})
+def remote_error(error: ExecutionError) -> BaseException:
+    """The exception to raise for a remote error; its class name is the remote exception's name."""
+    base = RemoteInterrupt if error.name == "KeyboardInterrupt" else RemoteCellError
+    name = error.name if error.name.isidentifier() else base.__name__
+    cls = type(name, (base,), {"__module__": "dhvm"})
     return cls(error)
 
 
@@ -72,10 +88,6 @@ def show_in_ipython(result: CellResult, *, quiet: bool = False, verbose: bool = 
         for literal, why in result.files_skipped:
             print(f"[dhvm] not pushed: {literal!r} ({why})", file=sys.stderr)
     if result.error is not None:
-        if result.status == "cancelled" and result.error.name == "KeyboardInterrupt":
-            if "replaced" in result.error.value or "timed out" in result.error.value:
-                print(f"[dhvm] {result.error.value}", file=sys.stderr)
-            raise KeyboardInterrupt
         raise remote_error(result.error)
 
 
