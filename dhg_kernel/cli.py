@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("kernel", help="install or uninstall the 'Deephaven microVM' Jupyter kernel")
+    p.add_argument("action", choices=["install", "uninstall"])
+    from .kernelspec import add_location_args, run as kernel_run
+
+    add_location_args(p)
+    p.set_defaults(func=kernel_run)
+
     p = sub.add_parser("reap", help="destroy instances whose owner process is gone")
     _add_common(p)
     p.set_defaults(func=cmd_reap)

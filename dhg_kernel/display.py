@@ -98,6 +98,8 @@ def format_text(result: CellResult, max_rows: int = 20, verbose: bool = False) -
         plain, _ = table_heading(t, "--max-rows")
         out.append(f"== {plain}")
         out.append(t.df.to_string(max_rows=max_rows))
+    if result.value is not None:
+        out.append(result.value.get("text/plain", ""))
     if verbose:
         out.append(timing_line(result))
     if result.error is not None:

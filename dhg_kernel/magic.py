@@ -18,7 +18,7 @@ from . import files as files_mod
 from .config import (DATA_EXTENSIONS, DEFAULT_BACKEND, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_PUSH_MB,
                      DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT_S)
 from .display import show_in_ipython
-from .result import CellResult
+from .result import CellResult, RemoteValue
 from .session import DhvmError, Session
 from .tables import DTYPE_BACKENDS
 
@@ -36,7 +36,7 @@ class DhvmUsageError(Exception):
 class Dhvm(Magics):
     """Run cells in a Deephaven server inside a microVM (or a local agent)."""
 
-    backend = Unicode(DEFAULT_BACKEND, help="Where cells run: local (for now; qemu and firecracker come with VMs).").tag(config=True)
+    backend = Unicode(os.environ.get("DHG_BACKEND", DEFAULT_BACKEND), help="Where cells run: local (for now; qemu and firecracker come with VMs).").tag(config=True)
     config_dir = Unicode("", help="DHG_HOME for artifacts and run dirs (default: $DHG_HOME or ~/.dhg).").tag(config=True)
     max_rows = Integer(DEFAULT_MAX_ROWS, help="Rows of each result table brought back (the rest stays in the VM).").tag(config=True)
     max_push_mb = Float(DEFAULT_MAX_PUSH_MB, help="Total MiB of workspace files a cell may push.").tag(config=True)
@@ -131,7 +131,7 @@ class Dhvm(Magics):
             raise DhvmUsageError(str(e)) from None
         raise DhvmUsageError(f"unknown command {cmd!r}")
 
-    def _run(self, code: str, args) -> None:
+    def _run(self, code: str, args):
         workspace = Path(os.getcwd())
         report = files_mod.ScanReport()
         try:
@@ -157,6 +157,7 @@ class Dhvm(Magics):
             self.shell.user_ns["_dhvm"] = result
             self._bind_outputs(result, args.output)
         show_in_ipython(result, quiet=args.quiet, verbose=args.verbose or self.verbose)
+        return RemoteValue(result.value) if result.value is not None else None
 
     def _bind_outputs(self, result: CellResult, outputs: list[str]) -> None:
         for spec in outputs:

@@ -75,6 +75,8 @@ class CellResult:
     """Workspace files sent with this cell."""
     files_skipped: list[tuple[str, str]] = field(default_factory=list)
     """String literals that looked like files but were not sent, with the reason."""
+    value: dict[str, str] | None = None
+    """MIME bundle of the cell's last expression when it is not a table (``text/plain``, maybe ``text/html``)."""
     status: str = "ok"
     """``ok``, ``error`` or ``cancelled``."""
     backend: str = ""
@@ -106,6 +108,19 @@ class CellResult:
             "status": self.status, "ok": self.ok, "stdout": self.stdout, "stderr": self.stderr,
             "error": None if self.error is None else {
                 "name": self.error.name, "value": self.error.value, "traceback": self.error.traceback},
-            "tables": tables, "timings": self.timings, "files": self.files,
+            "tables": tables, "value": self.value, "timings": self.timings, "files": self.files,
             "files_skipped": [list(s) for s in self.files_skipped], "backend": self.backend,
         }
+
+
+class RemoteValue:
+    """The last expression's value from the VM, displayed as the cell's Out[] with its own MIME bundle."""
+
+    def __init__(self, data: dict[str, str]):
+        self.data = data
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        return dict(self.data)
+
+    def __repr__(self) -> str:
+        return self.data.get("text/plain", "")

@@ -258,6 +258,8 @@ class Session:
                         on_stderr(h["text"])
                 elif kind == P.EV_TABLE:
                     result.tables.append(_table_result(h, frame.payloads[0], dtype_backend))
+                elif kind == P.EV_RESULT:
+                    result.value = h.get("data")
                 elif kind == P.EV_ERROR:
                     result.error = ExecutionError(h.get("name", "Error"), h.get("value", ""), h.get("traceback") or [])
 
@@ -330,6 +332,15 @@ class Session:
 
         self._simple({"op": P.OP_FETCH, "name": name, "max_rows": max_rows}, on_frame, timeout=None)
         return got[0]
+
+    def complete(self, code: str, cursor_pos: int) -> dict:
+        """Completions answered by the agent from the live namespace: matches, cursor_start, cursor_end."""
+        return self._simple({"op": P.OP_COMPLETE, "code": code, "cursor_pos": cursor_pos}, timeout=10)
+
+    def inspect(self, code: str, cursor_pos: int, detail_level: int = 0) -> dict:
+        """What the agent knows about the name at the cursor: found, data (a MIME bundle)."""
+        return self._simple({"op": P.OP_INSPECT, "code": code, "cursor_pos": cursor_pos,
+                             "detail_level": detail_level}, timeout=10)
 
     def stats(self) -> dict:
         """Agent statistics (cells run, memory, uptime)."""

@@ -18,6 +18,7 @@ import builtins
 import linecache
 import os
 import queue
+import re
 import resource
 import signal
 import socket
@@ -310,7 +311,7 @@ class Agent:
             _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", **after_restore(header, payloads)})
         elif op == P.OP_STATS:
             _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", **self.stats()})
-        elif op in (P.OP_EXEC, P.OP_TABLES, P.OP_FETCH):
+        elif op in (P.OP_EXEC, P.OP_TABLES, P.OP_FETCH, P.OP_COMPLETE, P.OP_INSPECT):
             self.jobs.put((conn, header, payloads))
         else:
             _safe_send(conn, P.error_event("UnknownOperation", f"unknown op {op!r}", re=re))
@@ -324,6 +325,14 @@ class Agent:
         return False
 
     # -- requests ----------------------------------------------------------------------------
+
+    def complete(self, code: str, cursor_pos: int) -> dict:
+        """Completions from the live namespace (jedi), and column names inside query strings."""
+        return _agent_complete(self, code, cursor_pos)
+
+    def inspect(self, code: str, cursor_pos: int, detail_level: int = 0) -> dict:
+        """What Shift-Tab / ``?`` shows for the name at the cursor (tables: size and columns)."""
+        return _agent_inspect(self, code, cursor_pos, detail_level)
 
     def hello_info(self) -> dict:
         return {"version": P.PROTOCOL_VERSION, "agent_version": AGENT_VERSION,
@@ -352,6 +361,13 @@ class Agent:
                 tables = [{"name": n, **self.dh.describe(v)} for n, v in list(self.ns.items())
                           if not n.startswith("_") and self.dh.is_table(v)]
                 _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", "tables": tables})
+            elif op == P.OP_COMPLETE:
+                reply = self.complete(header.get("code", ""), int(header.get("cursor_pos", 0)))
+                _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", **reply})
+            elif op == P.OP_INSPECT:
+                reply = self.inspect(header.get("code", ""), int(header.get("cursor_pos", 0)),
+                                     int(header.get("detail_level", 0)))
+                _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", **reply})
             elif op == P.OP_FETCH:
                 name = header.get("name", "")
                 table = self.ns.get(name)
@@ -418,6 +434,8 @@ class Agent:
                        if not n.startswith("_") and self.dh.is_table(v) and before.get(n) != id(v)]
             if self.dh.is_table(last_value) and all(v is not last_value for _, v in changed):
                 changed.append((last_name, last_value))
+            elif last_value is not None and not self.dh.is_table(last_value):
+                _safe_send(conn, {"ev": P.EV_RESULT, "re": re, "data": _mime_bundle(last_value)})
             for name, table in changed:
                 head, ipc = self.dh.table_payload(name, table, max_rows)
                 _safe_send(conn, {**head, "re": re}, [ipc])
@@ -429,6 +447,96 @@ class Agent:
         timings["fetch_ms"] = _ms(t2)
         timings["total_ms"] = _ms(t0)
         _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": status, "timings": timings, "tables": out_tables})
+
+
+_COLUMN_CONTEXT = re.compile(r"(\w+)\s*\.\s*\w+\((?:[^()]*?)[\"']([^\"']*)$")
+_MAX_REPR = 100_000
+
+
+def _mime_bundle(value) -> dict:
+    """A small MIME bundle for a cell's last expression (text, and HTML when the object has it)."""
+    try:
+        text = repr(value)
+    except Exception as e:  # noqa: BLE001 - a broken __repr__ must not fail the cell
+        text = f"<{type(value).__name__} (repr failed: {e})>"
+    data = {"text/plain": text[:_MAX_REPR]}
+    html_repr = getattr(value, "_repr_html_", None)
+    if callable(html_repr) and not isinstance(value, type):
+        try:
+            html_text = html_repr()
+            if isinstance(html_text, str):
+                data["text/html"] = html_text[:_MAX_REPR]
+        except Exception:  # noqa: BLE001
+            pass
+    return data
+
+
+def _line_col(code: str, cursor_pos: int) -> tuple[int, int]:
+    before = code[:cursor_pos]
+    return before.count("\n") + 1, len(before) - (before.rfind("\n") + 1)
+
+
+def _resolve(ns: dict, dotted: str):
+    """The object a dotted name refers to in ``ns`` (attribute lookups only, no calls)."""
+    head, *rest = dotted.split(".")
+    obj = ns[head] if head in ns else getattr(builtins, head)
+    for part in rest:
+        obj = getattr(obj, part)
+    return obj
+
+
+def _agent_complete(agent: "Agent", code: str, cursor_pos: int) -> dict:
+    before = code[:cursor_pos]
+    ctx = _COLUMN_CONTEXT.search(before)
+    if ctx and agent.dh.is_table(agent.ns.get(ctx.group(1))):
+        # Inside a query string on a table: offer its column names.
+        frag = re.search(r"(\w*)$", ctx.group(2)).group(1)
+        cols = [c.name for c in agent.ns[ctx.group(1)].columns if c.name.startswith(frag)]
+        if cols:
+            return {"matches": cols, "cursor_start": cursor_pos - len(frag), "cursor_end": cursor_pos,
+                    "types": ["column"] * len(cols)}
+    import jedi
+
+    line, col = _line_col(code, cursor_pos)
+    comps = jedi.Interpreter(code, [agent.ns]).complete(line, col)[:1000]
+    typed = len(comps[0].name) - len(comps[0].complete) if comps else 0
+    return {"matches": [c.name for c in comps], "cursor_start": cursor_pos - typed, "cursor_end": cursor_pos,
+            "types": [c.type for c in comps]}
+
+
+def _agent_inspect(agent: "Agent", code: str, cursor_pos: int, detail_level: int) -> dict:
+    left = re.search(r"([\w.]+)$", code[:cursor_pos])
+    right = re.match(r"\w*", code[cursor_pos:])
+    dotted = ((left.group(1) if left else "") + (right.group(0) if right else "")).strip(".")
+    if not dotted:
+        return {"found": False, "data": {}}
+    try:
+        obj = _resolve(agent.ns, dotted)
+    except Exception:  # noqa: BLE001 - unknown names are simply not found
+        return {"found": False, "data": {}}
+    import inspect as pyinspect
+
+    lines = [f"{dotted}: {type(obj).__module__}.{type(obj).__qualname__}"]
+    if agent.dh.is_table(obj):
+        lines.append(f"Deephaven table: {obj.size:,} rows{' (ticking)' if obj.is_refreshing else ''}")
+        lines.append("Columns:")
+        lines.extend(f"  {c.name:<24} {c.data_type}" for c in obj.columns)
+    else:
+        try:
+            lines.append(f"Signature: {dotted}{pyinspect.signature(obj)}")
+        except (TypeError, ValueError):
+            pass
+        if not callable(obj):
+            lines.append(f"Value: {_mime_bundle(obj)['text/plain'][:500]}")
+    doc = pyinspect.getdoc(obj)
+    if doc and (detail_level > 0 or not agent.dh.is_table(obj)):
+        lines.append("Docstring:\n" + doc)
+    if detail_level > 0:
+        try:
+            lines.append("Source:\n" + pyinspect.getsource(obj))
+        except (TypeError, OSError):
+            pass
+    return {"found": True, "data": {"text/plain": "\n".join(lines)}}
 
 
 def after_restore(header: dict, payloads: list) -> dict:

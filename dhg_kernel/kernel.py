@@ -1,0 +1,119 @@
+"""The "Deephaven microVM" Jupyter kernel: ipykernel's IPython kernel, with every ordinary cell
+routed to the VM through the same session layer (and the same renderer) as ``%%dhvm``.
+
+Routing, cell by cell:
+* ``%%local`` first line: the rest of the cell runs on the host;
+* any other cell magic (``%%dhvm -o x``, ``%%time``…): IPython runs it as written, on the host;
+* cells made only of line magics and shell escapes (``%dhvm status``, ``%config Dhvm.mode…``,
+  ``!ls``): on the host;
+* everything else: in the VM, as if it began with ``%%dhvm``.
+Completion and inspection of VM cells are answered by the guest from its live namespace.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+from ipykernel.ipkernel import IPythonKernel
+
+from . import __version__
+from .magic import Dhvm, load
+
+LOCAL_MAGIC = "%%local"
+
+
+def _is_host_line(line: str) -> bool:
+    s = line.strip()
+    return not s or s.startswith(("%", "!", "#"))
+
+
+def route(code: str) -> tuple[str, str]:
+    """Where a cell runs and the code IPython is given: ``("vm"|"host", code)``."""
+    lines = code.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if first is None:
+        return "host", code
+    head = lines[first].strip()
+    if head == LOCAL_MAGIC or head.startswith(LOCAL_MAGIC + " "):
+        return "host", "\n".join(lines[first + 1:])
+    if head.startswith("%%"):
+        return "host", code
+    if all(_is_host_line(line) for line in lines):
+        return "host", code
+    return "vm", "%%dhvm\n" + code
+
+
+class DhvmKernel(IPythonKernel):
+    """Every cell runs in a Deephaven server inside a microVM; ``%%local`` runs one on the host."""
+
+    implementation = "dhg_kernel"
+    implementation_version = __version__
+    banner = ("Deephaven microVM kernel: cells run in a Deephaven server inside a microVM "
+              "(%%local runs a cell on the host; %dhvm status shows where).")
+    help_links = [{"text": "Deephaven Python docs", "url": "https://deephaven.io/core/docs/"}]
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.shell.run_line_magic("load_ext", "dhg_kernel")
+        self.dhvm: Dhvm = self.shell.magics_manager.registry["Dhvm"]
+        # Answer kernel_info at once; the VM restores in the background while the user reads.
+        self._warm = threading.Thread(target=self._start_vm, name="dhvm-warm-start", daemon=True)
+        self._warm.start()
+
+    def _start_vm(self) -> None:
+        try:
+            self.dhvm.session.start()
+        except Exception as e:  # each cell will show the actionable error
+            self.log.warning("dhvm: the VM could not be started in the background: %s", e)
+
+    async def do_execute(self, code, silent, store_history=True, user_expressions=None, allow_stdin=False,
+                         *, cell_meta=None, cell_id=None):
+        _, routed = route(code)
+        return await super().do_execute(routed, silent, store_history, user_expressions, allow_stdin,
+                                        cell_meta=cell_meta, cell_id=cell_id)
+
+    def _vm_line(self, code: str, cursor_pos: int) -> bool:
+        where, _ = route(code)
+        line_start = code.rfind("\n", 0, cursor_pos) + 1
+        return where == "vm" and not code[line_start:cursor_pos].lstrip().startswith(("%", "!"))
+
+    def do_complete(self, code, cursor_pos):
+        cursor_pos = len(code) if cursor_pos is None else cursor_pos
+        if not self._vm_line(code, cursor_pos):
+            return super().do_complete(code, cursor_pos)
+        try:
+            reply = self.dhvm.session.complete(code, cursor_pos)
+        except Exception as e:
+            self.log.warning("dhvm: completion failed: %s", e)
+            return {"status": "ok", "matches": [], "cursor_start": cursor_pos, "cursor_end": cursor_pos, "metadata": {}}
+        return {"status": "ok", "matches": reply.get("matches", []), "cursor_start": reply.get("cursor_start", cursor_pos),
+                "cursor_end": reply.get("cursor_end", cursor_pos),
+                "metadata": {"_jupyter_types_experimental": [
+                    {"start": reply["cursor_start"], "end": reply["cursor_end"], "text": m, "type": t}
+                    for m, t in zip(reply.get("matches", []), reply.get("types", []))]}}
+
+    def do_inspect(self, code, cursor_pos, detail_level=0, omit_sections=()):
+        if not self._vm_line(code, cursor_pos):
+            return super().do_inspect(code, cursor_pos, detail_level, omit_sections)
+        try:
+            reply = self.dhvm.session.inspect(code, cursor_pos, detail_level)
+        except Exception as e:
+            self.log.warning("dhvm: inspection failed: %s", e)
+            reply = {"found": False, "data": {}}
+        return {"status": "ok", "found": bool(reply.get("found")), "data": reply.get("data", {}), "metadata": {}}
+
+    def do_shutdown(self, restart):
+        self.dhvm.close()  # the VM goes with the kernel; a restart gets a fresh one
+        return super().do_shutdown(restart)
+
+
+def main() -> None:
+    """Launch the kernel (``python -m dhg_kernel.kernel -f CONNECTION_FILE``)."""
+    from ipykernel.kernelapp import IPKernelApp
+
+    IPKernelApp.launch_instance(kernel_class=DhvmKernel)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

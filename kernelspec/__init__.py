@@ -1,0 +1,1 @@
+"""The kernelspec files (kernel.json, logos) installed by `dhvm kernel install`."""
