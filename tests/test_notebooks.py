@@ -62,3 +62,15 @@ def test_a_failing_cell_fails_the_nbconvert_run_with_the_remote_traceback(tmp_pa
                         "--output", str(tmp_path / "o.ipynb")], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode != 0
     assert "DHError" in p.stderr or "nope" in p.stderr
+
+
+def test_data_files_notebook_reads_csv_parquet_and_json_from_subfolders(tmp_path, dhg_home):
+    nb = execute("data_files.ipynb", tmp_path, dhg_home)
+    first = outputs_of(nb, "parquet.read")
+    text = "".join(o.get("text", "") for o in first if o.output_type == "stream")
+    assert "trades 60 quotes 200" in text
+    assert "data/market/quotes.parquet" in text, "-v lists the pushed files"
+    best = outputs_of(nb, "-o best")
+    assert any(o.data["text/plain"].startswith("best") for o in best if o.output_type == "display_data")
+    local = outputs_of(nb, 'best.groupby("Name")')[0]
+    assert "Nasdaq" in local.data["text/plain"] and "NYSE Arca" in local.data["text/plain"]
