@@ -137,3 +137,45 @@ def test_kernel_shutdown_destroys_the_magics_instance(tmp_path):
         km.shutdown_kernel(now=False)
     assert _wait_gone(agent_pid, 10)
     assert list_instances(Layout(home)) == [] and not Path(record.dir).exists()
+
+
+def test_a_cell_that_ignores_the_cancel_gets_its_instance_replaced(dhg_home):
+    from dhg_kernel.session import Session
+
+    s = Session("local", dhg_home, heap="512m")
+    try:
+        s.execute("state = 1")
+        first = s.instance
+        t0 = time.monotonic()
+        r = s.execute("import signal, time\nsignal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})\ntime.sleep(60)",
+                      timeout=0.5)
+        assert time.monotonic() - t0 < 20
+        assert r.status == "cancelled" and "replaced" in r.error.value and "state" in r.error.value
+        assert not first.alive() and not first.dir.exists()
+        r = s.execute("print('state' in globals())")
+        assert r.stdout.strip() == "False" and s.instance is not first
+    finally:
+        s.stop()
+
+
+def test_interrupting_a_dhvm_cell_in_a_plain_ipython_kernel(tmp_path):
+    import threading
+
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3", env={**os.environ, "DHG_HOME": str(tmp_path)})
+    try:
+        kc.execute_interactive("%load_ext dhg_kernel", timeout=60)
+        kc.execute_interactive("%%dhvm\nkept = 'yes'", timeout=300)
+        threading.Timer(1.0, km.interrupt_kernel).start()
+        t0 = time.monotonic()
+        reply = kc.execute_interactive("%%dhvm\nimport time\ntime.sleep(60)", timeout=120)["content"]
+        assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
+        assert time.monotonic() - t0 < 20
+        out = []
+        kc.execute_interactive("%%dhvm\nprint(kept)", timeout=60,
+                               output_hook=lambda m: out.append(m["content"].get("text", "")))
+        assert "yes" in "".join(out)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
