@@ -63,7 +63,7 @@ class DhvmKernel(IPythonKernel):
 
     def _start_vm(self) -> None:
         try:
-            self.dhvm.session.start()
+            self.dhvm.session.warm()
         except Exception as e:  # each cell will show the actionable error
             self.log.warning("dhvm: the VM could not be started in the background: %s", e)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool, Enum, Float, Integer, List, Unicode
+from traitlets import Bool, Enum, Float, Integer, List, Unicode, observe
 
 from . import files as files_mod
 from .config import (DATA_EXTENSIONS, DEFAULT_BACKEND, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_PUSH_MB,
@@ -47,6 +47,18 @@ class Dhvm(Magics):
                          help="pandas dtypes for result tables: numpy_nullable, pyarrow or numpy.").tag(config=True)
     verbose = Bool(False, help="Print per-phase timings after every cell.").tag(config=True)
     heap = Unicode("2g", help="JVM heap of the Deephaven server (-Xmx).").tag(config=True)
+    mode = Enum(["per-session", "per-cell"], default_value=os.environ.get("DHG_MODE", "per-session"),
+                help="per-session: one server for all cells; per-cell: a fresh server for every cell.").tag(config=True)
+    pool_size = Integer(1, help="Per-cell mode: servers kept restored and ready in the background.").tag(config=True)
+
+    @observe("mode", "pool_size")
+    def _mode_changed(self, change) -> None:
+        if self._session is None:
+            return
+        if change["name"] == "mode":
+            self._session.set_mode(change["new"])
+        else:
+            self._session.set_pool_size(change["new"])
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
@@ -57,7 +69,8 @@ class Dhvm(Magics):
     @property
     def session(self) -> Session:
         if self._session is None:
-            self._session = Session(self.backend, self.config_dir or None, heap=self.heap)
+            self._session = Session(self.backend, self.config_dir or None, mode=self.mode,
+                                    pool_size=self.pool_size, heap=self.heap)
         return self._session
 
     def close(self) -> None:
@@ -81,6 +94,8 @@ class Dhvm(Magics):
               help="Push this workspace file too (for paths the scanner cannot see).")
     @argument("--no-files", action="store_true", help="Do not scan the cell for files to push.")
     @argument("--max-push-mb", type=float, default=None, help="Push limit for this cell, in MiB (default 50).")
+    @argument("--per-cell", action="store_true",
+              help="Run this cell in a fresh server that is destroyed afterwards (Dhvm.mode for every cell).")
     @argument("command", nargs="*",
               help="Line magic only: status | tables | stats | fetch NAME | reset | stop, or code to run.")
     @line_cell_magic
@@ -142,12 +157,20 @@ class Dhvm(Magics):
         except (files_mod.FileLimitError, files_mod.FileNotPushable) as e:
             raise DhvmUsageError(str(e)) from None
 
+        outputs = []
+        for spec in args.output:
+            local, _, remote = spec.partition("=")
+            if not local.isidentifier():
+                raise DhvmUsageError(f"-o {spec}: {local!r} is not a valid Python name")
+            outputs.append((local, remote or local))
         max_rows = args.max_rows if args.max_rows is not None else self.max_rows
         timeout = args.timeout if args.timeout is not None else self.timeout
         try:
             result = self.session.execute(
                 code, report.files, max_rows=max_rows if max_rows > 0 else None, timeout=timeout or None,
-                dtype_backend=self.dtype_backend, on_stdout=_writer(sys.stdout), on_stderr=_writer(sys.stderr))
+                dtype_backend=self.dtype_backend, on_stdout=_writer(sys.stdout), on_stderr=_writer(sys.stderr),
+                # -o means "give me the table": the display limit does not cut it.
+                full_tables=[remote for _, remote in outputs], mode="per-cell" if args.per_cell else None)
         except DhvmError as e:
             raise DhvmUsageError(str(e)) from None
         except Exception as e:  # a backend that cannot start: say so, keep the kernel alive
@@ -155,31 +178,19 @@ class Dhvm(Magics):
         result.files_skipped = report.skipped
         if self.shell is not None:
             self.shell.user_ns["_dhvm"] = result
-            self._bind_outputs(result, args.output)
+            self._bind_outputs(result, outputs)
         show_in_ipython(result, quiet=args.quiet, verbose=args.verbose or self.verbose)
         return RemoteValue(result.value) if result.value is not None else None
 
-    def _bind_outputs(self, result: CellResult, outputs: list[str]) -> None:
-        for spec in outputs:
-            local, _, remote = spec.partition("=")
-            remote = remote or local
-            if not local.isidentifier():
-                raise DhvmUsageError(f"-o {spec}: {local!r} is not a valid Python name")
-            try:
-                table = result.table(remote)
-            except KeyError:
-                if result.error is not None:
-                    continue  # the cell failed: its error is what the user needs to see
-                table = None
-            if table is not None and not table.truncated:
-                df = table.df
-            else:
-                # -o means "give me the table": the display limit does not cut it.
-                try:
-                    df = self.session.fetch(remote, None, self.dtype_backend).df
-                except DhvmError as e:
-                    raise DhvmUsageError(f"-o {spec}: {e}") from None
-            self.shell.user_ns[local] = df
+    def _bind_outputs(self, result: CellResult, outputs: list[tuple[str, str]]) -> None:
+        if result.error is not None:
+            return  # the cell failed: its error is what the user needs to see
+        for local, remote in outputs:
+            table = result.full_tables.get(remote)
+            if table is None:
+                raise DhvmUsageError(f"-o {local}: there is no Deephaven table named {remote!r} in the session "
+                                     f"(the cell returned: {', '.join(t.name for t in result.tables) or 'none'})")
+            self.shell.user_ns[local] = table.df
 
 
 def _writer(stream):

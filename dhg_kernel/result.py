@@ -75,6 +75,8 @@ class CellResult:
     """Workspace files sent with this cell."""
     files_skipped: list[tuple[str, str]] = field(default_factory=list)
     """String literals that looked like files but were not sent, with the reason."""
+    full_tables: dict[str, TableResult] = field(default_factory=dict)
+    """Tables fetched whole on request (``-o NAME``), by name."""
     value: dict[str, str] | None = None
     """MIME bundle of the cell's last expression when it is not a table (``text/plain``, maybe ``text/html``)."""
     status: str = "ok"

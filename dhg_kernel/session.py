@@ -17,13 +17,14 @@ import socket
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from . import protocol as P
 from .config import CANCEL_GRACE_S, DEFAULT_BACKEND, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_ROWS, Layout
 from .files import PushFile
 from .instances import reap_stale
+from .pool import WarmPool
 from .result import CellResult, ExecutionError, TableResult
 from .tables import read_ipc
 from .vm import Backend, Instance, get_backend
@@ -131,23 +132,64 @@ class _Pushed:
     sha256: str
 
 
+@dataclass
+class Live:
+    """A started instance with a greeted agent: what a cell runs on."""
+
+    instance: Instance
+    client: AgentClient
+    info: dict
+    """The agent's hello: versions, Deephaven server address, startup time."""
+    start_ms: float
+    """From asking the backend to the agent's hello (and after-restore reseed)."""
+    pushed: dict[str, _Pushed] = field(default_factory=dict)
+    """Files this agent already has (so an unchanged file is not sent twice)."""
+
+    def close(self) -> None:
+        self.client.close()
+        self.instance.stop()
+
+
+def launch(backend: Backend) -> Live:
+    """Start an instance and greet its agent; after a snapshot restore, reseed its clock and entropy."""
+    t0 = time.perf_counter()
+    instance = backend.start()
+    try:
+        client = AgentClient(instance.connect(timeout=30))
+        done = client.request({"op": P.OP_HELLO, "version": P.PROTOCOL_VERSION}, timeout=30)
+        if done.get("version") != P.PROTOCOL_VERSION:
+            raise DhvmError(f"the agent speaks protocol {done.get('version')}, this host {P.PROTOCOL_VERSION}; "
+                            f"rebuild the image so both match. Run: dhvm prepare --rebuild")
+        if getattr(instance, "restored", False):
+            done["restored"] = client.request({"op": P.OP_RESTORED, "time_ns": time.time_ns()}, [os.urandom(64)],
+                                              timeout=30)
+    except BaseException:
+        instance.stop()
+        raise
+    return Live(instance, client, done, (time.perf_counter() - t0) * 1000)
+
+
 _live_sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
+
+MODES = ("per-session", "per-cell")
 
 
 class Session:
-    """One agent reused across cells (per-session mode)."""
+    """Cells run on one agent reused across cells (``per-session``) or on a fresh one each
+    (``per-cell``, served from a warm pool so the restore is not paid in front of the user)."""
 
     def __init__(self, backend: str = DEFAULT_BACKEND, config_dir: str | os.PathLike | None = None,
-                 **backend_options):
+                 mode: str = "per-session", pool_size: int = 1, **backend_options):
+        if mode not in MODES:
+            raise DhvmError(f"unknown mode {mode!r}; choose per-session or per-cell")
         self.layout = Layout.resolve(config_dir)
         self.backend_name = backend
         self.backend_options = backend_options
+        self.mode = mode
+        self.pool_size = pool_size
         self._backend: Backend | None = None
-        self.instance: Instance | None = None
-        self.client: AgentClient | None = None
-        self.info: dict = {}
-        self.pushed: dict[str, _Pushed] = {}
-        self.last_start_ms: float | None = None
+        self._pool: WarmPool | None = None
+        self.live: Live | None = None
         self._lock = threading.RLock()
         _live_sessions.add(self)
         _install_exit_hooks()
@@ -161,60 +203,96 @@ class Session:
         return self._backend
 
     @property
+    def instance(self) -> Instance | None:
+        return self.live.instance if self.live else None
+
+    @property
+    def client(self) -> AgentClient | None:
+        return self.live.client if self.live else None
+
+    @property
+    def info(self) -> dict:
+        return self.live.info if self.live else {}
+
+    @property
+    def pushed(self) -> dict[str, _Pushed]:
+        return self.live.pushed if self.live else {}
+
+    @property
     def running(self) -> bool:
-        return self.instance is not None and self.client is not None
+        return self.live is not None
+
+    def _launch(self) -> Live:
+        reap_stale(self.layout)
+        return launch(self.backend)
+
+    @property
+    def pool(self) -> WarmPool:
+        if self._pool is None:
+            self._pool = WarmPool(self._launch, self.pool_size)
+        return self._pool
+
+    def warm(self) -> None:
+        """Get ready for the next cell in the background-friendly way the mode needs."""
+        if self.mode == "per-cell":
+            self.pool.fill()
+        else:
+            self.start()
+
+    def set_mode(self, mode: str) -> None:
+        """Switch mode; the resources of the old mode (its server, or its warm pool) are released."""
+        if mode not in MODES:
+            raise DhvmError(f"unknown mode {mode!r}; choose per-session or per-cell")
+        with self._lock:
+            if mode == self.mode:
+                return
+            self.mode = mode
+            if mode == "per-cell" and self.live is not None:
+                self.live.close()
+                self.live = None
+            if mode == "per-session" and self._pool is not None:
+                self._pool.close()
+                self._pool = None
+
+    def set_pool_size(self, size: int) -> None:
+        self.pool_size = size
+        if self._pool is not None:
+            self._pool.size = max(0, size)
+            self._pool.fill()
 
     def start(self) -> dict:
-        """Start the instance (if not running) and greet its agent; returns the agent's hello."""
+        """Start the session's instance (if not running) and greet its agent; returns the agent's hello."""
         with self._lock:
-            if self.running:
-                return self.info
-            reap_stale(self.layout)
-            t0 = time.perf_counter()
-            self.instance = self.backend.start()
-            try:
-                self.client = AgentClient(self.instance.connect(timeout=30))
-                done = self.client.request({"op": P.OP_HELLO, "version": P.PROTOCOL_VERSION}, timeout=30)
-            except (DhvmError, OSError, Exception):
-                self.stop()
-                raise
-            if done.get("version") != P.PROTOCOL_VERSION:
-                self.stop()
-                raise DhvmError(f"the agent speaks protocol {done.get('version')}, this host {P.PROTOCOL_VERSION}; "
-                                f"rebuild the image so both match. Run: dhvm prepare --rebuild")
-            self.info = done
-            self.pushed.clear()
-            self.last_start_ms = (time.perf_counter() - t0) * 1000
-            return self.info
+            if self.live is None:
+                self.live = self._launch()
+            return self.live.info
 
     def stop(self) -> None:
-        """Destroy the instance (idempotent)."""
+        """Destroy the session's instance and the warm pool (idempotent)."""
         with self._lock:
-            if self.client is not None:
-                self.client.close()
-            if self.instance is not None:
-                self.instance.stop()
-            self.client = self.instance = None
-            self.info = {}
-            self.pushed.clear()
+            if self.live is not None:
+                self.live.close()
+                self.live = None
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
 
     def reset(self) -> None:
         """Throw the server away; the next cell gets a fresh one."""
         self.stop()
 
-    def _lost(self) -> str:
-        """Tear down a dead or stuck instance; returns its log tail for the error message."""
-        tail = self.instance.log_tail() if self.instance else ""
-        self.stop()
-        return tail
+    @property
+    def last_start_ms(self) -> float | None:
+        return self.live.start_ms if self.live else None
 
     # -- cells -------------------------------------------------------------------------------------
 
-    def _files_to_send(self, files: Sequence[PushFile]) -> tuple[list[dict], list[bytes], dict[str, _Pushed]]:
+    @staticmethod
+    def _files_to_send(live: Live, files: Sequence[PushFile]) -> tuple[list[dict], list[bytes], dict[str, _Pushed]]:
         metas, datas, record = [], [], {}
         for f in files:
             st = f.path.stat()
-            prev = self.pushed.get(f.rel)
+            prev = live.pushed.get(f.rel)
             if prev and (prev.size, prev.mtime_ns) == (st.st_size, st.st_mtime_ns):
                 continue
             data = f.path.read_bytes()
@@ -227,120 +305,183 @@ class Session:
             record[f.rel] = _Pushed(len(data), st.st_mtime_ns, digest)
         return metas, datas, record
 
+    def _lost(self, live: Live) -> str:
+        """Tear down a dead or stuck instance; returns its log tail for the error message."""
+        tail = live.instance.log_tail()
+        live.close()
+        if live is self.live:
+            self.live = None
+        return tail
+
     def execute(self, code: str, files: Sequence[PushFile] = (), *, max_rows: int | None = DEFAULT_MAX_ROWS,
                 timeout: float | None = None, dtype_backend: str = DEFAULT_DTYPE_BACKEND,
-                on_stdout: _Stream | None = None, on_stderr: _Stream | None = None) -> CellResult:
-        """Run one cell; output is streamed to the callbacks as it arrives."""
+                on_stdout: _Stream | None = None, on_stderr: _Stream | None = None,
+                full_tables: Sequence[str] = (), mode: str | None = None) -> CellResult:
+        """Run one cell; output is streamed to the callbacks as it arrives.
+
+        ``full_tables`` are fetched whole (for ``-o``) from the same server before a per-cell VM goes;
+        ``mode`` overrides the session's mode for this cell.
+        """
+        mode = mode or self.mode
         with self._lock:
             t0 = time.perf_counter()
-            self.start()
-            assert self.client is not None and self.instance is not None
-            start_ms = (time.perf_counter() - t0) * 1000
-            metas, datas, record = self._files_to_send(files)
-            result = CellResult(backend=f"{self.backend_name} ({self.instance.id})",
-                                files=[m["path"] for m in metas])
-            header = {"op": P.OP_EXEC, "code": code, "options": {"max_rows": max_rows}}
-            if metas:
-                header["files"] = metas
-
-            out, err = [], []
-
-            def on_frame(frame: P.Frame) -> None:
-                h = frame.header
-                kind = h.get("ev")
-                if kind == P.EV_STDOUT:
-                    out.append(h["text"])
-                    if on_stdout:
-                        on_stdout(h["text"])
-                elif kind == P.EV_STDERR:
-                    err.append(h["text"])
-                    if on_stderr:
-                        on_stderr(h["text"])
-                elif kind == P.EV_TABLE:
-                    result.tables.append(_table_result(h, frame.payloads[0], dtype_backend))
-                elif kind == P.EV_RESULT:
-                    result.value = h.get("data")
-                elif kind == P.EV_ERROR:
-                    result.error = ExecutionError(h.get("name", "Error"), h.get("value", ""), h.get("traceback") or [])
-
-            t1 = time.perf_counter()
-            try:
-                done = self.client.request(header, datas, on_frame, timeout=timeout)
-            except AgentUnresponsive as e:
-                tail = self._lost()
-                result.status = "cancelled"
-                result.error = ExecutionError("KeyboardInterrupt", f"{e}; the {self.backend_name} instance was "
-                                              "replaced and its state (tables, variables) is lost. "
-                                              "The next cell starts a fresh server.", [tail])
-                done = {}
-            except AgentDied as e:
-                tail = self._lost()
-                result.status = "error"
-                result.error = ExecutionError("AgentDied", f"the Deephaven {self.backend_name} instance died during "
-                                              f"the cell ({e}). The next cell starts a fresh server; "
-                                              f"variables and tables are lost.", [tail])
-                done = {}
+            if mode == "per-cell":
+                live = self.pool.take()
             else:
-                if done.get("status") == "ok":
-                    self.pushed.update(record)
-                elif result.files and done.get("timings", {}).get("exec_ms") is not None:
-                    self.pushed.update(record)  # the files were written even though the cell failed
-                result.status = done.get("status", "error")
-                if timeout and result.status == "cancelled" and not done.get("interrupted") and result.error:
-                    result.error.value = f"cell timed out after {timeout:g}s (--timeout) and was cancelled"
-            result.stdout, result.stderr = "".join(out), "".join(err)
-            result.timings = {"start_ms": round(start_ms, 3), **done.get("timings", {}),
-                              "roundtrip_ms": round((time.perf_counter() - t1) * 1000, 3),
+                self.start()
+                live = self.live
+            assert live is not None
+            start_ms = (time.perf_counter() - t0) * 1000
+            try:
+                result = self._run_cell(live, code, files, max_rows, timeout, dtype_backend, on_stdout, on_stderr)
+                if result.error is None:
+                    self._fetch_full(live, result, full_tables, dtype_backend)
+            finally:
+                if mode == "per-cell":
+                    live.close()  # results are all in: this VM's job is done
+            result.timings = {"start_ms": round(start_ms, 3), **result.timings,
                               "total_ms": round((time.perf_counter() - t0) * 1000, 3)}
             return result
 
+    def _run_cell(self, live: Live, code: str, files: Sequence[PushFile], max_rows: int | None,
+                  timeout: float | None, dtype_backend: str, on_stdout: _Stream | None,
+                  on_stderr: _Stream | None) -> CellResult:
+        metas, datas, record = self._files_to_send(live, files)
+        result = CellResult(backend=f"{self.backend_name} ({live.instance.id})", files=[m["path"] for m in metas])
+        header = {"op": P.OP_EXEC, "code": code, "options": {"max_rows": max_rows}}
+        if metas:
+            header["files"] = metas
+        out: list[str] = []
+        err: list[str] = []
+
+        def on_frame(frame: P.Frame) -> None:
+            h = frame.header
+            kind = h.get("ev")
+            if kind == P.EV_STDOUT:
+                out.append(h["text"])
+                if on_stdout:
+                    on_stdout(h["text"])
+            elif kind == P.EV_STDERR:
+                err.append(h["text"])
+                if on_stderr:
+                    on_stderr(h["text"])
+            elif kind == P.EV_TABLE:
+                result.tables.append(_table_result(h, frame.payloads[0], dtype_backend))
+            elif kind == P.EV_RESULT:
+                result.value = h.get("data")
+            elif kind == P.EV_ERROR:
+                result.error = ExecutionError(h.get("name", "Error"), h.get("value", ""), h.get("traceback") or [])
+
+        t1 = time.perf_counter()
+        done: dict = {}
+        try:
+            done = live.client.request(header, datas, on_frame, timeout=timeout)
+        except AgentUnresponsive as e:
+            tail = self._lost(live)
+            result.status = "cancelled"
+            result.error = ExecutionError("KeyboardInterrupt", f"{e}; the {self.backend_name} instance was "
+                                          "replaced and its state (tables, variables) is lost. "
+                                          "The next cell starts a fresh server.", [tail])
+        except AgentDied as e:
+            tail = self._lost(live)
+            result.status = "error"
+            result.error = ExecutionError("AgentDied", f"the Deephaven {self.backend_name} instance died during "
+                                          f"the cell ({e}). The next cell starts a fresh server; "
+                                          f"variables and tables are lost.", [tail])
+        else:
+            if "exec_ms" in done.get("timings", {}):
+                live.pushed.update(record)  # the files were written (even if the cell then failed)
+            result.status = done.get("status", "error")
+            if timeout and result.status == "cancelled" and not done.get("interrupted") and result.error:
+                result.error.value = f"cell timed out after {timeout:g}s (--timeout) and was cancelled"
+        result.stdout, result.stderr = "".join(out), "".join(err)
+        result.timings = {**done.get("timings", {}), "roundtrip_ms": round((time.perf_counter() - t1) * 1000, 3)}
+        return result
+
+    def _fetch_full(self, live: Live, result: CellResult, names: Sequence[str], dtype_backend: str) -> None:
+        for name in names:
+            got = next((t for t in result.tables if t.name == name), None)
+            if got is not None and not got.truncated:
+                result.full_tables[name] = got
+                continue
+            try:
+                result.full_tables[name] = self._fetch(live, name, None, dtype_backend)
+            except DhvmError:
+                pass  # the caller says which name was missing
+
     # -- other requests ----------------------------------------------------------------------------
 
+    def _request(self, live: Live, header: dict, on_frame=None, timeout: float | None = 60) -> dict:
+        errors: list[dict] = []
+
+        def collect(frame: P.Frame) -> None:
+            if frame.header.get("ev") == P.EV_ERROR:
+                errors.append(frame.header)
+            elif on_frame:
+                on_frame(frame)
+
+        try:
+            done = live.client.request(header, (), collect, timeout=timeout)
+        except (AgentDied, AgentUnresponsive) as e:
+            tail = self._lost(live)
+            raise AgentDied(f"{e}\n{tail}") from None
+        if errors:
+            raise DhvmError(f"{errors[0].get('name')}: {errors[0].get('value')}")
+        return done
+
     def _simple(self, header: dict, on_frame=None, timeout: float | None = 60) -> dict:
+        """A request to the session's own server (started if needed)."""
         with self._lock:
             self.start()
-            assert self.client is not None
-            errors: list[dict] = []
+            assert self.live is not None
+            return self._request(self.live, header, on_frame, timeout)
 
-            def collect(frame: P.Frame) -> None:
-                if frame.header.get("ev") == P.EV_ERROR:
-                    errors.append(frame.header)
-                elif on_frame:
-                    on_frame(frame)
-
-            try:
-                done = self.client.request(header, (), collect, timeout=timeout)
-            except (AgentDied, AgentUnresponsive) as e:
-                tail = self._lost()
-                raise AgentDied(f"{e}\n{tail}") from None
-            if errors:
-                raise DhvmError(f"{errors[0].get('name')}: {errors[0].get('value')}")
-            return done
-
-    def tables(self) -> list[dict]:
-        """The Deephaven tables in the session's scope: name, rows, columns, refreshing."""
-        return self._simple({"op": P.OP_TABLES})["tables"]
-
-    def fetch(self, name: str, max_rows: int | None = DEFAULT_MAX_ROWS,
-              dtype_backend: str = DEFAULT_DTYPE_BACKEND) -> TableResult:
-        """One table from the session's scope (its first ``max_rows`` rows)."""
+    def _fetch(self, live: Live, name: str, max_rows: int | None, dtype_backend: str) -> TableResult:
         got: list[TableResult] = []
 
         def on_frame(frame: P.Frame) -> None:
             if frame.header.get("ev") == P.EV_TABLE:
                 got.append(_table_result(frame.header, frame.payloads[0], dtype_backend))
 
-        self._simple({"op": P.OP_FETCH, "name": name, "max_rows": max_rows}, on_frame, timeout=None)
+        self._request(live, {"op": P.OP_FETCH, "name": name, "max_rows": max_rows}, on_frame, timeout=None)
         return got[0]
+
+    def _per_cell_note(self, what: str) -> DhvmError:
+        return DhvmError(f"{what}: in per-cell mode no server outlives its cell, so there is nothing to ask. "
+                         f"Use -o NAME on the cell, or switch: %config Dhvm.mode = 'per-session'")
+
+    def tables(self) -> list[dict]:
+        """The Deephaven tables in the session's scope: name, rows, columns, refreshing."""
+        if self.mode == "per-cell":
+            raise self._per_cell_note("no tables to list")
+        return self._simple({"op": P.OP_TABLES})["tables"]
+
+    def fetch(self, name: str, max_rows: int | None = DEFAULT_MAX_ROWS,
+              dtype_backend: str = DEFAULT_DTYPE_BACKEND) -> TableResult:
+        """One table from the session's scope (its first ``max_rows`` rows)."""
+        if self.mode == "per-cell":
+            raise self._per_cell_note(f"cannot fetch {name!r}")
+        with self._lock:
+            self.start()
+            assert self.live is not None
+            return self._fetch(self.live, name, max_rows, dtype_backend)
+
+    def _ask(self, header: dict, empty: dict) -> dict:
+        """A read-only question (completion, inspection): per-cell mode asks a warm VM of the pool."""
+        if self.mode != "per-cell":
+            return self._simple(header, timeout=10)
+        live = self.pool.peek()
+        return self._request(live, header, timeout=10) if live is not None else empty
 
     def complete(self, code: str, cursor_pos: int) -> dict:
         """Completions answered by the agent from the live namespace: matches, cursor_start, cursor_end."""
-        return self._simple({"op": P.OP_COMPLETE, "code": code, "cursor_pos": cursor_pos}, timeout=10)
+        return self._ask({"op": P.OP_COMPLETE, "code": code, "cursor_pos": cursor_pos},
+                         {"matches": [], "cursor_start": cursor_pos, "cursor_end": cursor_pos})
 
     def inspect(self, code: str, cursor_pos: int, detail_level: int = 0) -> dict:
         """What the agent knows about the name at the cursor: found, data (a MIME bundle)."""
-        return self._simple({"op": P.OP_INSPECT, "code": code, "cursor_pos": cursor_pos,
-                             "detail_level": detail_level}, timeout=10)
+        return self._ask({"op": P.OP_INSPECT, "code": code, "cursor_pos": cursor_pos, "detail_level": detail_level},
+                         {"found": False, "data": {}})
 
     def stats(self) -> dict:
         """Agent statistics (cells run, memory, uptime)."""
@@ -348,7 +489,10 @@ class Session:
 
     def status(self) -> dict:
         """What ``%dhvm status`` shows: backend, instance, server, without starting anything."""
-        out = {"backend": self.backend_name, "running": self.running, "dhg_home": str(self.layout.home)}
+        out = {"backend": self.backend_name, "mode": self.mode, "running": self.running,
+               "dhg_home": str(self.layout.home)}
+        if self._pool is not None:
+            out["warm_pool"] = self._pool.describe()
         try:
             out.update(self.backend.describe())
         except Exception as e:  # status must not fail on a broken backend
