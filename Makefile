@@ -7,9 +7,16 @@ PY     := $(VENV)/bin/python
 
 setup: $(VENV)/.installed
 
+# System packages: Java for the local backend's Deephaven; QEMU and debootstrap for the microVMs.
+SYSTEM_PACKAGES := openjdk-17-jre-headless qemu-system-x86 debootstrap mmdebstrap lz4 e2fsprogs
+
 $(VENV)/.installed: pyproject.toml
-	@command -v java >/dev/null || { echo "installing Java 17 (Deephaven needs a JVM)"; \
-	  apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless; }
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing:$$missing"; apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else echo "missing system packages:$$missing (run as root, or: sudo apt-get install$$missing)"; fi; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[local,test]'

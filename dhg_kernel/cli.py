@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from . import files as files_mod
-from .config import DEFAULT_BACKEND, DEFAULT_MAX_PUSH_MB, DEFAULT_MAX_ROWS, Layout
+from .config import DEFAULT_MAX_PUSH_MB, DEFAULT_MAX_ROWS, DH_VERSION, Layout, default_backend
 from .display import format_text
 from .session import DhvmError, Session
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default=os.environ.get("DHG_BACKEND", DEFAULT_BACKEND),
-                   help="where the code runs (default: %(default)s)")
+    p.add_argument("--backend", default=default_backend(),
+                   help="where the code runs: auto, firecracker, qemu or local (default: %(default)s)")
     p.add_argument("--config-dir", default=None, help="DHG_HOME for artifacts and run dirs (default: $DHG_HOME or ~/.dhg)")
 
 
@@ -57,17 +56,89 @@ def cmd_exec(args) -> int:
 
 
 def cmd_status(args) -> int:
-    session = Session(args.backend, args.config_dir)
-    st = session.status()
     from .instances import list_instances
+    from .vm import BACKENDS, choose_backend, why_not
 
-    st["instances"] = [{"id": r.id, "backend": r.backend, "owner_pid": r.owner_pid, "owner_alive": r.owner_alive}
-                       for r in list_instances(Layout.resolve(args.config_dir))]
+    layout = Layout.resolve(args.config_dir)
+    st: dict = {"dhg_home": str(layout.home)}
+    try:
+        chosen, passed = choose_backend(layout) if args.backend == "auto" else (args.backend, {})
+        st["backend"] = chosen
+    except Exception as e:  # noqa: BLE001 - status reports, it does not fail
+        chosen, passed = None, {}
+        st["backend"] = None
+        st["error"] = str(e)
+    st["checks"] = {name: why_not(name, layout) or "ok" for name in BACKENDS}
+    if passed:
+        st["not_chosen"] = passed
+    if chosen == "local":
+        st["warning"] = "cells run in a local process WITHOUT isolation"
+    if chosen:
+        try:
+            from .vm import get_backend
+
+            st["details"] = get_backend(chosen, layout).describe()
+        except Exception as e:  # noqa: BLE001
+            st["details"] = {"error": str(e)}
+    st["instances"] = [{"id": r.id, "backend": r.backend, "owner_pid": r.owner_pid, "owner_alive": r.owner_alive,
+                        **{k: v for k, v in r.info.items() if k in ("deephaven_url", "accel")}}
+                       for r in list_instances(layout)]
     if args.json:
         print(json.dumps(st, indent=2, default=str))
     else:
-        for k, v in st.items():
-            print(f"{k}: {v}")
+        _print_tree(st)
+    return 0
+
+
+def _print_tree(data: dict, indent: str = "") -> None:
+    for k, v in data.items():
+        if isinstance(v, dict):
+            print(f"{indent}{k}:")
+            _print_tree(v, indent + "  ")
+        elif isinstance(v, list):
+            print(f"{indent}{k}: {len(v)}")
+            for item in v:
+                print(f"{indent}  - {item}")
+        else:
+            print(f"{indent}{k}: {v}")
+
+
+def cmd_prepare(args) -> int:
+    if args.backend not in ("qemu", "auto"):
+        print(f"dhvm prepare: images are built for the qemu backend only (not {args.backend!r}); "
+              "the local backend needs no image", file=sys.stderr)
+        return 2
+    from .image import PrepareError, prepare
+
+    try:
+        prepare(Layout.resolve(args.config_dir), dh_version=args.dh_version, rebuild=args.rebuild,
+                ram_mb=args.ram_mb, heap=args.heap, accel=args.accel, jvm_opts=args.jvm_opts)
+    except PrepareError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_clean(args) -> int:
+    import shutil
+
+    from .instances import list_instances, reap_stale
+
+    layout = Layout.resolve(args.config_dir)
+    reap_stale(layout)
+    live = [r.id for r in list_instances(layout) if r.owner_alive]
+    targets = [layout.vm] if args.all else [layout.snapshots(args.dh_version)]
+    if args.all and live:
+        print(f"dhvm clean: {len(live)} instance(s) still run ({', '.join(live)}); stop their sessions "
+              "(%dhvm stop, or shut the kernels down) and run clean again", file=sys.stderr)
+        return 2
+    freed = 0
+    for t in targets:
+        if t.exists():
+            freed += sum(f.stat().st_size for f in t.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(t)
+            print(f"removed {t}")
+    print(f"freed {freed / 2**20:.0f} MiB" if freed else "nothing to remove")
     return 0
 
 
@@ -97,10 +168,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_exec)
 
-    p = sub.add_parser("status", help="backend, instances and artifacts")
+    p = sub.add_parser("status", help="which backend runs cells and why, the snapshot, live instances")
     p.add_argument("--json", action="store_true")
     _add_common(p)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("prepare", help="build the VM image and snapshot (rootfs, kernel, cold boot, snapshot)")
+    p.add_argument("--dh-version", default=DH_VERSION, help="deephaven-server version in the image")
+    p.add_argument("--rebuild", action="store_true", help="rebuild every phase, cached or not")
+    from .vm.qemu import DEFAULT_HEAP, DEFAULT_RAM_MB, TCG_JVM_OPTS
+
+    p.add_argument("--ram-mb", type=int, default=DEFAULT_RAM_MB, help="guest RAM in MiB (default %(default)s)")
+    p.add_argument("--heap", default=DEFAULT_HEAP, help="the guest JVM's -Xmx (default %(default)s)")
+    p.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
+                   help="auto: KVM only when a probe boot succeeds, else TCG")
+    p.add_argument("--jvm-opts", default=None,
+                   help=f"extra JVM flags, as --jvm-opts='...' (default under TCG: {TCG_JVM_OPTS})")
+    _add_common(p)
+    p.set_defaults(func=cmd_prepare, backend="qemu")
+
+    p = sub.add_parser("clean", help="remove prepared artifacts")
+    p.add_argument("--dh-version", default=DH_VERSION, help="remove this version's snapshot (default %(default)s)")
+    p.add_argument("--all", action="store_true", help="remove everything under DHG_HOME/vm (rootfs, wheels, kernel…)")
+    _add_common(p)
+    p.set_defaults(func=cmd_clean)
 
     p = sub.add_parser("kernel", help="install or uninstall the 'Deephaven microVM' Jupyter kernel")
     p.add_argument("action", choices=["install", "uninstall"])

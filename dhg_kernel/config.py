@@ -10,13 +10,24 @@ DH_VERSION = "42.7"
 DEFAULT_MAX_ROWS = 1000
 DEFAULT_MAX_PUSH_MB = 50.0
 DEFAULT_TIMEOUT_S = 0.0  # 0: no limit
-DEFAULT_BACKEND = "local"
+DEFAULT_BACKEND = "auto"  # firecracker if it can run, else qemu (with a prepared snapshot), else local
+DEFAULT_MODE = "per-session"
 DEFAULT_DTYPE_BACKEND = "numpy_nullable"
 DATA_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow", ".txt", ".xml", ".yaml", ".yml", ".py")
 # How long an agent may take from process start to answering (a cold JVM + Deephaven start).
 AGENT_START_TIMEOUT_S = 180.0
 # How long a cancelled cell may take to stop before its VM is declared stuck and replaced.
 CANCEL_GRACE_S = 2.0
+
+
+def default_backend() -> str:
+    """``$DHG_BACKEND`` or ``auto``."""
+    return os.environ.get("DHG_BACKEND") or DEFAULT_BACKEND
+
+
+def default_mode() -> str:
+    """``$DHG_MODE`` or ``per-session``."""
+    return os.environ.get("DHG_MODE") or DEFAULT_MODE
 
 
 def dhg_home(override: str | os.PathLike | None = None) -> Path:

@@ -18,7 +18,7 @@ import threading
 from ipykernel.ipkernel import IPythonKernel
 
 from . import __version__
-from .magic import Dhvm, load
+from .magic import Dhvm
 
 LOCAL_MAGIC = "%%local"
 

@@ -15,8 +15,8 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from traitlets import Bool, Enum, Float, Integer, List, Unicode, observe
 
 from . import files as files_mod
-from .config import (DATA_EXTENSIONS, DEFAULT_BACKEND, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_PUSH_MB,
-                     DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT_S)
+from .config import (DATA_EXTENSIONS, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_PUSH_MB, DEFAULT_MAX_ROWS,
+                     DEFAULT_TIMEOUT_S, default_backend, default_mode)
 from .display import show_in_ipython
 from .result import CellResult, RemoteValue
 from .session import DhvmError, Session
@@ -36,7 +36,8 @@ class DhvmUsageError(Exception):
 class Dhvm(Magics):
     """Run cells in a Deephaven server inside a microVM (or a local agent)."""
 
-    backend = Unicode(os.environ.get("DHG_BACKEND", DEFAULT_BACKEND), help="Where cells run: local (for now; qemu and firecracker come with VMs).").tag(config=True)
+    backend = Unicode(default_backend(), help="Where cells run: auto (firecracker, else qemu, else local), "
+                      "firecracker, qemu or local.").tag(config=True)
     config_dir = Unicode("", help="DHG_HOME for artifacts and run dirs (default: $DHG_HOME or ~/.dhg).").tag(config=True)
     max_rows = Integer(DEFAULT_MAX_ROWS, help="Rows of each result table brought back (the rest stays in the VM).").tag(config=True)
     max_push_mb = Float(DEFAULT_MAX_PUSH_MB, help="Total MiB of workspace files a cell may push.").tag(config=True)
@@ -47,7 +48,7 @@ class Dhvm(Magics):
                          help="pandas dtypes for result tables: numpy_nullable, pyarrow or numpy.").tag(config=True)
     verbose = Bool(False, help="Print per-phase timings after every cell.").tag(config=True)
     heap = Unicode("2g", help="JVM heap of the Deephaven server (-Xmx).").tag(config=True)
-    mode = Enum(["per-session", "per-cell"], default_value=os.environ.get("DHG_MODE", "per-session"),
+    mode = Enum(["per-session", "per-cell"], default_value=default_mode(),
                 help="per-session: one server for all cells; per-cell: a fresh server for every cell.").tag(config=True)
     pool_size = Integer(1, help="Per-cell mode: servers kept restored and ready in the background.").tag(config=True)
 
@@ -175,6 +176,9 @@ class Dhvm(Magics):
             raise DhvmUsageError(str(e)) from None
         except Exception as e:  # a backend that cannot start: say so, keep the kernel alive
             raise DhvmUsageError(f"{type(e).__name__}: {e}") from None
+        if self.session.notice:
+            print(self.session.notice, file=sys.stderr)
+            self.session.notice = None
         result.files_skipped = report.skipped
         if self.shell is not None:
             self.shell.user_ns["_dhvm"] = result

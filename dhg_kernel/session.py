@@ -27,7 +27,7 @@ from .instances import reap_stale
 from .pool import WarmPool
 from .result import CellResult, ExecutionError, TableResult
 from .tables import read_ipc
-from .vm import Backend, Instance, get_backend
+from .vm import Backend, Instance, choose_backend, get_backend
 
 
 class DhvmError(Exception):
@@ -151,7 +151,8 @@ class Live:
 
 
 def launch(backend: Backend) -> Live:
-    """Start an instance and greet its agent; after a snapshot restore, reseed its clock and entropy."""
+    """Start (restore) an instance and greet its agent. (Backends that restore snapshots reseed the
+    guest's clock and entropy themselves, before handing the instance over.)"""
     t0 = time.perf_counter()
     instance = backend.start()
     try:
@@ -160,9 +161,6 @@ def launch(backend: Backend) -> Live:
         if done.get("version") != P.PROTOCOL_VERSION:
             raise DhvmError(f"the agent speaks protocol {done.get('version')}, this host {P.PROTOCOL_VERSION}; "
                             f"rebuild the image so both match. Run: dhvm prepare --rebuild")
-        if getattr(instance, "restored", False):
-            done["restored"] = client.request({"op": P.OP_RESTORED, "time_ns": time.time_ns()}, [os.urandom(64)],
-                                              timeout=30)
     except BaseException:
         instance.stop()
         raise
@@ -190,6 +188,10 @@ class Session:
         self._backend: Backend | None = None
         self._pool: WarmPool | None = None
         self.live: Live | None = None
+        self.passed_over: dict[str, str] = {}
+        """With backend ``auto``: the backends not chosen, and why."""
+        self.notice: str | None = None
+        """A one-time warning for the user (e.g. auto fell back to the unisolated local backend)."""
         self._lock = threading.RLock()
         _live_sessions.add(self)
         _install_exit_hooks()
@@ -199,6 +201,13 @@ class Session:
     @property
     def backend(self) -> Backend:
         if self._backend is None:
+            if self.backend_name == "auto":
+                chosen, self.passed_over = choose_backend(self.layout)
+                if chosen == "local":
+                    self.notice = ("dhvm: no microVM backend is available, so cells run in a local process "
+                                   "WITHOUT isolation (" + "; ".join(f"{k}: {v}" for k, v in self.passed_over.items())
+                                   + ")")
+                self.backend_name = chosen
             self._backend = get_backend(self.backend_name, self.layout, **self.backend_options)
         return self._backend
 
@@ -493,6 +502,8 @@ class Session:
                "dhg_home": str(self.layout.home)}
         if self._pool is not None:
             out["warm_pool"] = self._pool.describe()
+        if self.passed_over:
+            out["not_chosen"] = self.passed_over
         try:
             out.update(self.backend.describe())
         except Exception as e:  # status must not fail on a broken backend

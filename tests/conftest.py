@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ def dhg_home(tmp_path_factory) -> Path:
     """A DHG_HOME of the test session's own (run dirs, sockets, logs)."""
     home = tmp_path_factory.mktemp("dhg-home")
     os.environ["DHG_HOME"] = str(home)
+    os.environ["DHG_BACKEND"] = "local"  # tests that want a VM ask for one by name
     return home
 
 
@@ -51,3 +53,44 @@ def workspace(tmp_path, monkeypatch) -> Path:
     (tmp_path / "data" / "trades.csv").write_text("sym,px,qty\nAAPL,1.5,10\nMSFT,2.5,20\nGOOG,3.5,30\n")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def jupyter_path(tmp_path_factory):
+    """The dhvm kernelspec installed under a prefix of the test's own, found through JUPYTER_PATH."""
+    prefix = tmp_path_factory.mktemp("prefix")
+    p = subprocess.run([sys.executable, "-m", "dhg_kernel", "install", "--prefix", str(prefix)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    path = str(prefix / "share" / "jupyter")
+    old = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = path
+    yield path
+    if old is None:
+        os.environ.pop("JUPYTER_PATH", None)
+    else:
+        os.environ["JUPYTER_PATH"] = old
+
+
+@pytest.fixture(scope="session")
+def qemu_home() -> Path:
+    """A DHG_HOME holding a prepared QEMU image and snapshot (built once, cached between runs in
+    ``$DHG_TEST_HOME``, default ``~/.dhg-test``). A failing prepare fails the tests that need it."""
+    from dhg_kernel.vm.qemu import qemu_binary
+
+    if not qemu_binary():
+        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86; make test does)")
+    from dhg_kernel.config import Layout
+    from dhg_kernel.image import PrepareError, prepare
+
+    home = Path(os.environ.get("DHG_TEST_HOME", "~/.dhg-test")).expanduser()
+    layout = Layout(home)
+    have_snapshot = (layout.snapshots() / "metadata.json").is_file()
+    if not have_snapshot and os.geteuid() != 0:
+        pytest.skip(f"no prepared QEMU snapshot under {home}, and building one needs root "
+                    f"(run: sudo dhvm prepare --config-dir {home})")
+    try:
+        prepare(layout, progress=lambda m: print(f"[prepare] {m}", file=sys.stderr))
+    except PrepareError as e:
+        pytest.fail(f"could not prepare the QEMU image: {e}")
+    return home

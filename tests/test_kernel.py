@@ -19,23 +19,6 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 @pytest.fixture(scope="module")
-def jupyter_path(tmp_path_factory):
-    """The dhvm kernelspec installed under a prefix of the test's own, found through JUPYTER_PATH."""
-    prefix = tmp_path_factory.mktemp("prefix")
-    p = subprocess.run([sys.executable, "-m", "dhg_kernel", "install", "--prefix", str(prefix)],
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    path = str(prefix / "share" / "jupyter")
-    old = os.environ.get("JUPYTER_PATH")
-    os.environ["JUPYTER_PATH"] = path
-    yield path
-    if old is None:
-        os.environ.pop("JUPYTER_PATH", None)
-    else:
-        os.environ["JUPYTER_PATH"] = old
-
-
-@pytest.fixture(scope="module")
 def kernel(jupyter_path, dhg_home):
     from jupyter_client.manager import start_new_kernel
 
@@ -173,25 +156,6 @@ def test_a_kernel_without_a_backend_starts_and_each_cell_says_why(jupyter_path, 
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
-
-
-def _nbconvert(nb: Path, out: Path, home: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
-                           "--ExecutePreprocessor.timeout=600", *extra, str(nb), "--output", str(out)],
-                          capture_output=True, text=True, env={**os.environ, "DHG_HOME": str(home)}, timeout=900)
-
-
-def test_nbconvert_runs_a_notebook_whose_kernel_is_dhvm(jupyter_path, tmp_path, dhg_home):
-    import nbformat
-    import shutil
-
-    work = tmp_path / "nb"
-    shutil.copytree(NOTEBOOKS, work)
-    p = _nbconvert(work / "kernel.ipynb", tmp_path / "out.ipynb", dhg_home)
-    assert p.returncode == 0, p.stderr[-3000:]
-    nb = nbformat.read(tmp_path / "out.ipynb", 4)
-    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "rows: 60" in text and "host python" in text
 
 
 def test_papermill_parameters_reach_the_vm(jupyter_path, tmp_path, dhg_home):

@@ -21,33 +21,70 @@ import pytest
 
 from dhg_kernel.config import Layout
 from dhg_kernel.files import PushFile
-from dhg_kernel.vm.qemu import qemu_binary
-
-pytestmark = pytest.mark.qemu
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def qemu_home() -> Path:
-    """A DHG_HOME holding a prepared QEMU image and snapshot (built once, cached between runs)."""
-    if not qemu_binary():
-        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
-    from dhg_kernel.image import PrepareError, prepare
+# -- no VM needed ---------------------------------------------------------------------------------
 
-    home = Path(os.environ.get("DHG_TEST_HOME", "~/.dhg-test")).expanduser()
-    layout = Layout(home)
-    have_snapshot = (layout.snapshots() / "metadata.json").is_file()
-    if not have_snapshot and os.environ.get("DHG_TEST_PREPARE", "1") == "0":
-        pytest.skip(f"no prepared QEMU snapshot under {home} and DHG_TEST_PREPARE=0")
-    if not have_snapshot and os.geteuid() != 0:
-        pytest.skip(f"no prepared QEMU snapshot under {home}, and building one needs root "
-                    f"(run: sudo python -m dhg_kernel.image --config-dir {home})")
-    try:
-        prepare(layout, progress=lambda m: print(f"[prepare] {m}", file=sys.stderr))
-    except PrepareError as e:
-        pytest.skip(f"could not prepare the QEMU image: {e}")
-    return home
+
+def test_restore_command_maps_snapshot_ram_privately_and_restricts_the_network(tmp_path):
+    from dhg_kernel.vm.qemu import Machine
+
+    m = Machine(kernel="kernel/vmlinux", initrd="kernel/initrd.img", rootfs="rootfs/r.ext4",
+                append=Machine.kernel_cmdline("1g", "-XX:TieredStopAtLevel=1 -Xss1m"))
+    argv = " ".join(m.argv(tmp_path, "qemu", tmp_path / "mem", shared=False, host_port=4242, incoming=True))
+    assert f"mem-path={tmp_path}/mem,share=off" in argv
+    assert "restrict=on,hostfwd=tcp:127.0.0.1:4242-:10000" in argv
+    assert "readonly=on" in argv and "-incoming defer" in argv
+    assert "dhg.jvm=-XX:TieredStopAtLevel=1,-Xss1m" in argv and "dhg.heap=1g" in argv
+    assert "share=on" in " ".join(m.argv(tmp_path, "qemu", tmp_path / "mem", True, 1, False))
+
+
+def test_apt_mirror_is_read_from_the_hosts_deb822_sources(tmp_path):
+    from dhg_kernel.image import apt_mirror
+
+    src = tmp_path / "debian.sources"
+    src.write_text("Types: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm bookworm-updates\n\n"
+                   "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n")
+    assert apt_mirror(src) == "http://mirror.example/debian"
+
+
+def test_qmp_client_negotiates_capabilities_and_queues_events(tmp_path):
+    import json
+    import threading
+
+    from dhg_kernel.qmp import QMPClient, QMPError
+
+    path = tmp_path / "qmp.sock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def fake_qemu():
+        conn, _ = srv.accept()
+        f = conn.makefile("rwb")
+        f.write(b'{"QMP": {"version": {}, "capabilities": []}}\n'); f.flush()
+        for line in f:
+            cmd = json.loads(line)["execute"]
+            if cmd == "qmp_capabilities":
+                f.write(b'{"return": {}}\n')
+            elif cmd == "query-status":
+                f.write(b'{"event": "RESUME", "data": {}}\n{"return": {"status": "running"}}\n')
+            else:
+                f.write(b'{"error": {"class": "CommandNotFound", "desc": "nope"}}\n')
+            f.flush()
+
+    threading.Thread(target=fake_qemu, daemon=True).start()
+    q = QMPClient.connect(path, timeout=5)
+    assert q.status() == "running"
+    assert q.wait_event("RESUME", timeout=1)["event"] == "RESUME"
+    with pytest.raises(QMPError, match="CommandNotFound"):
+        q.execute("bogus")
+    q.close()
+
+
+# -- real VMs -------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -60,6 +97,7 @@ def vm(qemu_home):
     s.stop()
 
 
+@pytest.mark.qemu
 def test_restore_runs_a_cell_and_streams_print_output(vm):
     r = vm.execute("import platform\nprint('hello from', platform.node())")
     assert r.status == "ok", r.error
@@ -67,12 +105,14 @@ def test_restore_runs_a_cell_and_streams_print_output(vm):
     assert vm.instance.describe()["accel"] in ("tcg", "kvm")
 
 
+@pytest.mark.qemu
 def test_restore_is_fast(vm):
     vm.start()
     # Restore (QEMU start, device state, clock/entropy) plus the hello round trip.
     assert vm.last_start_ms < 5000, vm.last_start_ms
 
 
+@pytest.mark.qemu
 def test_tables_come_back_as_dataframes(vm):
     r = vm.execute(textwrap.dedent("""
         from deephaven import empty_table
@@ -86,11 +126,13 @@ def test_tables_come_back_as_dataframes(vm):
     assert len(df) == 50 and df["X"].iloc[0] == 4 and df["S"].iloc[0] == "s4"
 
 
+@pytest.mark.qemu
 def test_state_persists_across_cells_in_one_vm(vm):
     assert vm.execute("n = 41").status == "ok"
     assert vm.execute("print(n + 1)").stdout == "42\n"
 
 
+@pytest.mark.qemu
 def test_pushed_file_is_readable_by_deephaven_in_the_guest(vm, tmp_path):
     csv = tmp_path / "trades.csv"
     csv.write_text("sym,px,qty\nAAPL,1.5,10\nMSFT,2.5,20\nGOOG,3.5,30\n")
@@ -101,6 +143,7 @@ def test_pushed_file_is_readable_by_deephaven_in_the_guest(vm, tmp_path):
     assert list(df["sym"]) == ["AAPL", "MSFT", "GOOG"] and df["qty"].sum() == 60
 
 
+@pytest.mark.qemu
 def test_guest_cannot_open_outbound_connections(vm):
     # A listener on the host's loopback: user networking would map it to 10.0.2.2 in the guest
     # were the VM not restricted. Nothing here leaves the machine either way.
@@ -125,6 +168,7 @@ def test_guest_cannot_open_outbound_connections(vm):
     assert r.stdout.count("blocked") == 2
 
 
+@pytest.mark.qemu
 def test_deephaven_port_is_forwarded_to_loopback_only(vm):
     vm.start()
     port = vm.instance.host_port
@@ -133,6 +177,7 @@ def test_deephaven_port_is_forwarded_to_loopback_only(vm):
     assert vm.instance.describe()["deephaven_port"] == f"127.0.0.1:{port}"
 
 
+@pytest.mark.qemu
 def test_two_vms_at_once_are_isolated(qemu_home):
     from dhg_kernel.session import Session
 
@@ -152,6 +197,7 @@ def test_two_vms_at_once_are_isolated(qemu_home):
         b.stop()
 
 
+@pytest.mark.qemu
 def test_clones_never_write_the_snapshot_memory_file(vm, qemu_home):
     mem = Layout(qemu_home).snapshots() / "mem"
     before = mem.stat()
@@ -160,6 +206,7 @@ def test_clones_never_write_the_snapshot_memory_file(vm, qemu_home):
     assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
 
 
+@pytest.mark.qemu
 def test_stop_kills_qemu_and_removes_the_run_dir(vm):
     vm.start()
     pid, run_dir = vm.instance.proc.pid, vm.instance.dir
@@ -169,6 +216,7 @@ def test_stop_kills_qemu_and_removes_the_run_dir(vm):
         os.kill(pid, 0)
 
 
+@pytest.mark.qemu
 def test_killed_owner_process_is_reaped_on_next_start(qemu_home):
     owner = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
         import os, signal, sys
@@ -197,6 +245,7 @@ def test_killed_owner_process_is_reaped_on_next_start(qemu_home):
         s.stop()
 
 
+@pytest.mark.qemu
 def test_second_prepare_with_nothing_changed_takes_seconds(qemu_home):
     from dhg_kernel.image import prepare
 

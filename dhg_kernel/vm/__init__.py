@@ -2,16 +2,64 @@
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
+
 from .base import Backend, BackendUnavailable, Instance
+
+BACKENDS = ("firecracker", "qemu", "local")
 
 
 def get_backend(name: str, layout, **options) -> Backend:
-    """The backend called ``name`` (``local`` for now; ``qemu`` and ``firecracker`` come with VMs)."""
+    """The backend called ``name`` (``auto``: see ``choose_backend``)."""
+    if name == "auto":
+        name, _ = choose_backend(layout)
     if name == "local":
         from .local import LocalBackend
 
         return LocalBackend(layout, **options)
-    raise BackendUnavailable(f"unknown backend {name!r}; available here: local")
+    if name == "qemu":
+        from .qemu import QemuBackend
+
+        return QemuBackend(layout, **options)
+    if name == "firecracker":
+        raise BackendUnavailable("the firecracker backend is not part of this build yet; use qemu or local")
+    raise BackendUnavailable(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
 
 
-__all__ = ["Backend", "BackendUnavailable", "Instance", "get_backend"]
+def why_not(name: str, layout) -> str | None:
+    """None when backend ``name`` can run here now, else the reason and the command that fixes it."""
+    if name == "firecracker":
+        if shutil.which("firecracker") is None:
+            return "no firecracker binary on PATH (and the backend is not part of this build yet)"
+        return "the firecracker backend is not part of this build yet"
+    if name == "qemu":
+        from .qemu import QemuBackend
+
+        try:
+            backend = QemuBackend(layout)
+            backend.binary()
+            backend.snapshot()
+        except BackendUnavailable as e:
+            return str(e)
+        return None
+    if name == "local":
+        if importlib.util.find_spec("deephaven_server") is None:
+            return "deephaven-server is not installed on the host — run: pip install 'dhg_kernel[local]'"
+        return None
+    return f"unknown backend {name!r}"
+
+
+def choose_backend(layout) -> tuple[str, dict[str, str]]:
+    """``auto``: firecracker if it can run, else qemu, else local. Returns the choice and, for every
+    backend passed over, why."""
+    reasons: dict[str, str] = {}
+    for name in BACKENDS:
+        reason = why_not(name, layout)
+        if reason is None:
+            return name, reasons
+        reasons[name] = reason
+    raise BackendUnavailable("no backend can run here:\n" + "\n".join(f"  {k}: {v}" for k, v in reasons.items()))
+
+
+__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "Instance", "choose_backend", "get_backend", "why_not"]
