@@ -66,11 +66,32 @@ def live_session(home: Path, code: str, runs: int) -> list[float]:
         s.stop()
 
 
+def per_cell(backend: str, home: Path, pool_size: int, runs: int, think_s: float) -> list[float]:
+    """Per-cell mode: wall time of each cell (a fresh server each), with ``think_s`` of user reading
+    time between cells (when the warm pool restores the next server)."""
+    s = Session(backend=backend, config_dir=home, mode="per-cell", pool_size=pool_size)
+    try:
+        s.execute(TRIVIAL)  # the first cell of a notebook, before anything was warm
+        out = []
+        for _ in range(runs):
+            time.sleep(think_s)
+            t0 = time.perf_counter()
+            r = s.execute(TRIVIAL)
+            out.append((time.perf_counter() - t0) * 1000)
+            assert r.status == "ok", r.error
+        return out
+    finally:
+        s.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config-dir", default=str(Path("~/.dhg-test").expanduser()))
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--rebuild", action="store_true", help="time a cold prepare (minutes)")
+    ap.add_argument("--think", type=float, default=1.0, help="per-cell: seconds between cells (qemu)")
+    ap.add_argument("--local-think", type=float, default=10.0, help="per-cell: seconds between cells (local)")
+    ap.add_argument("--skip-local", action="store_true", help="skip the local-backend comparison")
     args = ap.parse_args()
     home = Path(args.config_dir).expanduser()
     layout = Layout(home)
@@ -103,6 +124,25 @@ def main() -> None:
                 print(f"    {k:10s} median {statistics.median(vals):7.1f} ms")
         live = live_session(home, code, args.runs if code != TABLE_NEWFORMULA else max(3, args.runs // 3))
         print(f"  same cell in a live session{' (a new formula each time)' if '{i}' in code else ''}: {_stats(live)}")
+
+    print(f"== per-cell mode, trivial cell, {args.think}s of reading between cells")
+    for pool in (0, 1):
+        print(f"  qemu,  warm pool {pool}: {_stats(per_cell('qemu', home, pool, args.runs, args.think))}")
+    if not args.skip_local:
+        import tempfile
+
+        local_home = Path(tempfile.mkdtemp(prefix="dhg-bench-local-"))
+        walls = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            s = Session(backend="local", config_dir=local_home)
+            assert s.execute(TRIVIAL).ok
+            walls.append((time.perf_counter() - t0) * 1000)
+            s.stop()
+        print(f"  local: start-to-first-result (no snapshot: JVM + Deephaven start) {_stats(walls)}")
+        for pool in (0, 1):
+            print(f"  local, warm pool {pool} ({args.local_think}s reading): "
+                  f"{_stats(per_cell('local', local_home, pool, 3, args.local_think))}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import ast
 import builtins
+import fcntl
+import hashlib
 import linecache
 import os
 import queue
@@ -22,6 +24,7 @@ import re
 import resource
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -539,6 +542,33 @@ def _agent_inspect(agent: "Agent", code: str, cursor_pos: int, detail_level: int
     return {"found": True, "data": {"text/plain": "\n".join(lines)}}
 
 
+_RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+_RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+
+
+def _mix_kernel_entropy(data: bytes) -> dict:
+    """Credit host entropy to the guest kernel and force its generator to reseed now.
+
+    A plain write to /dev/urandom only mixes the pool: clones restored from one snapshot would go on
+    reading identical bytes until the next scheduled reseed. The ioctls need root (the VM's agent is).
+    """
+    out: dict = {"entropy_bytes": len(data)}
+    try:
+        fd = os.open("/dev/urandom", os.O_WRONLY)
+        try:
+            words = len(data) // 4
+            info = struct.pack("ii", words * 32, words * 4) + data[: words * 4]
+            fcntl.ioctl(fd, _RNDADDENTROPY, info)
+            fcntl.ioctl(fd, _RNDRESEEDCRNG)
+            out["kernel_reseeded"] = True
+        finally:
+            os.close(fd)
+    except OSError as e:  # not root (local backend): the kernel is the host's own, already unique
+        out["kernel_reseeded"] = False
+        out["entropy_note"] = str(e)
+    return out
+
+
 def after_restore(header: dict, payloads: list) -> dict:
     """After a snapshot restore: take the host's wall clock and entropy, so clones of one snapshot
     neither live in the past nor draw the same random numbers."""
@@ -554,20 +584,19 @@ def after_restore(header: dict, payloads: list) -> dict:
             except OSError as e:
                 out["clock_set"] = False
                 out["clock_error"] = str(e)
-    if payloads:
-        try:
-            with open("/dev/urandom", "wb") as fh:  # mixes into the kernel pool
-                fh.write(payloads[0])
-            out["entropy_bytes"] = payloads[0].nbytes
-        except OSError as e:
-            out["entropy_error"] = str(e)
+    host_entropy = bytes(payloads[0]) if payloads else b""
+    if host_entropy:
+        out.update(_mix_kernel_entropy(host_entropy))
+    # Seed from the host's bytes as well as the kernel: even if the guest kernel's generator was not
+    # reseeded yet, clones must not share random streams.
+    seed = int.from_bytes(hashlib.sha512(host_entropy + os.urandom(32)).digest(), "big")
     import random
 
-    random.seed()  # from the (now mixed) kernel pool
+    random.seed(seed)
     try:
         import numpy
 
-        numpy.random.seed()
+        numpy.random.seed(seed % 2**32)
     except ImportError:
         pass
     out["time_ns"] = time.time_ns()

@@ -21,6 +21,7 @@ import pytest
 
 from dhg_kernel.config import Layout
 from dhg_kernel.files import PushFile
+from dhg_kernel.instances import list_instances
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,13 +104,6 @@ def test_restore_runs_a_cell_and_streams_print_output(vm):
     assert r.status == "ok", r.error
     assert r.stdout == "hello from dhg-vm\n"
     assert vm.instance.describe()["accel"] in ("tcg", "kvm")
-
-
-@pytest.mark.qemu
-def test_restore_is_fast(vm):
-    vm.start()
-    # Restore (QEMU start, device state, clock/entropy) plus the hello round trip.
-    assert vm.last_start_ms < 5000, vm.last_start_ms
 
 
 @pytest.mark.qemu
@@ -254,3 +248,102 @@ def test_second_prepare_with_nothing_changed_takes_seconds(qemu_home):
     prepare(Layout(qemu_home), progress=lines.append)
     assert time.monotonic() - t0 < 30
     assert sum("up to date" in ln for ln in lines) == 7, lines
+
+
+@pytest.mark.qemu
+def test_guest_clock_is_current_and_clones_draw_different_random_numbers(qemu_home):
+    from dhg_kernel.session import Session
+
+    code = "import time, random, numpy\nprint(time.time(), random.random(), numpy.random.random())"
+    a, b = Session("qemu", qemu_home), Session("qemu", qemu_home)
+    try:
+        outs = [s.execute(code) for s in (a, b)]
+        host_now = time.time()
+    finally:
+        a.stop()
+        b.stop()
+    values = [r.stdout.split() for r in outs]
+    for v in values:
+        assert abs(float(v[0]) - host_now) < 30, "the restored guest's clock was set from the host"
+    assert values[0][1] != values[1][1], "Python's random state was reseeded per clone"
+    assert values[0][2] != values[1][2], "NumPy's random state was reseeded per clone"
+
+
+@pytest.mark.qemu
+def test_a_file_that_was_not_pushed_is_not_in_the_guest(vm, tmp_path):
+    r = vm.execute("import os\nprint(sorted(os.listdir('.')), os.path.exists('data/never-pushed.csv'))")
+    assert r.ok and r.stdout.strip().endswith("False")
+
+
+@pytest.mark.qemu
+def test_per_cell_mode_gives_each_cell_a_fresh_vm(qemu_home):
+    from dhg_kernel.session import Session
+
+    s = Session("qemu", qemu_home, mode="per-cell", pool_size=1)
+    try:
+        r1 = s.execute("from deephaven import empty_table\nfirst = empty_table(3)")
+        r2 = s.execute("print('first' in globals())")
+        assert r1.ok and [t.name for t in r1.tables] == ["first"]
+        assert r2.stdout.strip() == "False" and r1.backend != r2.backend
+        print(f"per-cell start with the warm pool: {r2.timings['start_ms']:.0f} ms; pool {s.pool.describe()}")
+    finally:
+        s.stop()
+    assert not [r for r in list_instances(Layout(qemu_home)) if r.owner_pid == os.getpid()]
+
+
+@pytest.mark.qemu
+def test_a_vm_that_dies_mid_cell_is_an_error_and_the_next_cell_gets_a_new_vm(vm):
+    vm.execute("x = 1")
+    first = vm.instance
+    # An immediate reboot of the guest: QEMU runs with -no-reboot, so the VM is simply gone.
+    r = vm.execute("open('/proc/sysrq-trigger', 'w').write('b')")
+    assert r.error is not None and r.error.name == "AgentDied"
+    assert not first.alive()
+    r = vm.execute("print('fresh', 'x' in globals())")
+    assert r.ok and r.stdout.strip() == "fresh False" and vm.instance is not first
+
+
+def test_missing_snapshot_says_run_prepare(tmp_path):
+    from dhg_kernel.session import Session
+    from dhg_kernel.vm import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="run: dhvm prepare"):
+        Session("qemu", tmp_path).execute("x = 1")
+
+
+def test_missing_qemu_names_the_package(tmp_path):
+    from dhg_kernel.vm import BackendUnavailable
+    from dhg_kernel.vm.qemu import QemuBackend
+
+    with pytest.raises(BackendUnavailable, match="apt-get install qemu-system-x86"):
+        QemuBackend(Layout(tmp_path), qemu=str(tmp_path / "no-qemu-here")).binary()
+
+
+def test_snapshot_of_another_backend_or_format_is_refused(tmp_path):
+    import json
+
+    from dhg_kernel.vm import BackendUnavailable
+    from dhg_kernel.vm.qemu import QemuBackend
+
+    snap = Layout(tmp_path).snapshots()
+    snap.mkdir(parents=True)
+    (snap / "metadata.json").write_text(json.dumps({"backend": "firecracker", "format": 1}))
+    with pytest.raises(BackendUnavailable, match="not a format-.* QEMU snapshot.*--rebuild"):
+        QemuBackend(Layout(tmp_path)).snapshot()
+
+
+def test_auto_falls_back_to_local_with_a_visible_warning(tmp_path):
+    from dhg_kernel.session import Session
+
+    s = Session("auto", tmp_path)
+    assert s.backend.name == "local"
+    assert "WITHOUT isolation" in s.notice and "dhvm prepare" in s.passed_over["qemu"]
+
+
+def test_clean_removes_a_versions_snapshot(tmp_path):
+    snap = Layout(tmp_path).snapshots("0.0-test")
+    snap.mkdir(parents=True)
+    (snap / "mem").write_bytes(b"x" * 1000)
+    p = subprocess.run([sys.executable, "-m", "dhg_kernel.cli", "clean", "--dh-version", "0.0-test",
+                        "--config-dir", str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 0 and not snap.exists() and "removed" in p.stdout
