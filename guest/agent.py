@@ -660,11 +660,21 @@ def listen_unix(path: str) -> socket.socket:
     return sock
 
 
+def listen_vsock(port: int) -> socket.socket:
+    """A listening AF_VSOCK socket on ``port`` for any CID. A listening socket survives a snapshot
+    (connections do not), so a restored agent takes new hosts at once."""
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    sock.bind((socket.VMADDR_CID_ANY, port))
+    sock.listen(8)
+    return sock
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="dhg guest agent: Deephaven + cell executor over the dhg protocol")
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", help="unix socket path to listen on")
     where.add_argument("--serial", help="virtio-serial port to serve on (e.g. /dev/virtio-ports/dhg.agent)")
+    where.add_argument("--vsock-port", type=int, help="AF_VSOCK port to listen on (Firecracker's hybrid vsock)")
     ap.add_argument("--workdir", required=True, help="working directory; pushed files land here")
     ap.add_argument("--dh-host", default="127.0.0.1")
     ap.add_argument("--dh-port", type=int, default=0, help="Deephaven port (0: a free one)")
@@ -684,9 +694,12 @@ def main(argv: list[str] | None = None) -> None:
     dh.start()
     dh.warm_up()
     agent = Agent(workdir, dh, ns)
-    _log(f"Deephaven {dh.version} ready in {dh.started_ms:.0f} ms; serving on {args.socket or args.serial}")
+    where = args.socket or args.serial or f"vsock port {args.vsock_port}"
+    _log(f"Deephaven {dh.version} ready in {dh.started_ms:.0f} ms; serving on {where}")
     if args.serial:
         agent.serve_serial(args.serial)
+    elif args.vsock_port is not None:
+        agent.serve(listen_vsock(args.vsock_port))
     else:
         agent.serve(listen_unix(args.socket))
 
