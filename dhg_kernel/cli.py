@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import files as files_mod
 from .config import DEFAULT_MAX_PUSH_MB, DEFAULT_MAX_ROWS, DH_VERSION, Layout, default_backend
-from .display import format_text
+from .display import format_mapping, format_text
 from .session import DhvmError, Session
 
 
@@ -86,21 +86,8 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(st, indent=2, default=str))
     else:
-        _print_tree(st)
+        print(format_mapping(st))
     return 0
-
-
-def _print_tree(data: dict, indent: str = "") -> None:
-    for k, v in data.items():
-        if isinstance(v, dict):
-            print(f"{indent}{k}:")
-            _print_tree(v, indent + "  ")
-        elif isinstance(v, list):
-            print(f"{indent}{k}: {len(v)}")
-            for item in v:
-                print(f"{indent}  - {item}")
-        else:
-            print(f"{indent}{k}: {v}")
 
 
 def cmd_prepare(args) -> int:

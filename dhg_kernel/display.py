@@ -105,3 +105,19 @@ def format_text(result: CellResult, max_rows: int = 20, verbose: bool = False) -
     if result.error is not None:
         out.append("".join(result.error.traceback).rstrip() or str(result.error))
     return "\n".join(out)
+
+
+def format_mapping(data: dict, indent: str = "") -> str:
+    """Nested status/stats dicts as indented ``key: value`` lines (``%dhvm status``, ``dhvm status``)."""
+    lines: list[str] = []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines.append(f"{indent}{k}:")
+            if v:
+                lines.append(format_mapping(v, indent + "  "))
+        elif isinstance(v, list):
+            lines.append(f"{indent}{k}: {len(v)}")
+            lines.extend(f"{indent}  - {item}" for item in v)
+        else:
+            lines.append(f"{indent}{k}: {v}")
+    return "\n".join(lines)

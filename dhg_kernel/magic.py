@@ -17,7 +17,7 @@ from traitlets import Bool, Enum, Float, Integer, List, Unicode, observe
 from . import files as files_mod
 from .config import (DATA_EXTENSIONS, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_PUSH_MB, DEFAULT_MAX_ROWS,
                      DEFAULT_TIMEOUT_S, default_backend, default_mode)
-from .display import show_in_ipython
+from .display import format_mapping, show_in_ipython
 from .result import CellResult, RemoteValue
 from .session import DhvmError, Session
 from .tables import DTYPE_BACKENDS
@@ -120,7 +120,7 @@ class Dhvm(Magics):
         try:
             if cmd == "status":
                 st = self.session.status()
-                _print_mapping(st)
+                print(format_mapping(st))
                 return None
             if cmd == "tables":
                 import pandas as pd
@@ -129,7 +129,7 @@ class Dhvm(Magics):
                          "refreshing": t["refreshing"]} for t in self.session.tables()]
                 return pd.DataFrame(rows, columns=["name", "rows", "columns", "refreshing"])
             if cmd == "stats":
-                _print_mapping(self.session.stats())
+                print(format_mapping(self.session.stats()))
                 return None
             if cmd == "fetch":
                 if len(rest) != 1:
@@ -201,15 +201,6 @@ def _writer(stream):
     # No flush per write: ipykernel's stream flushes on its own short interval, which merges the
     # pieces of one print() into one output instead of four.
     return stream.write
-
-
-def _print_mapping(data: dict, indent: str = "") -> None:
-    for k, v in data.items():
-        if isinstance(v, dict):
-            print(f"{indent}{k}:")
-            _print_mapping(v, indent + "  ")
-        else:
-            print(f"{indent}{k}: {v}")
 
 
 def load(ipython) -> Dhvm:
