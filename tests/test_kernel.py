@@ -172,3 +172,18 @@ def test_papermill_parameters_reach_the_vm(jupyter_path, tmp_path, dhg_home):
     nb = nbformat.read(out, 4)
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "min_size in the VM: 500" in text
+
+
+def test_kernel_install_and_uninstall_through_the_cli(tmp_path):
+    env = {**os.environ, "JUPYTER_PATH": str(tmp_path / "share" / "jupyter")}
+    p = subprocess.run([sys.executable, "-m", "dhg_kernel.cli", "kernel", "install", "--prefix", str(tmp_path)],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    listed = subprocess.run([sys.executable, "-m", "jupyter", "kernelspec", "list"], capture_output=True,
+                            text=True, env=env).stdout
+    assert "dhvm" in listed and str(tmp_path) in listed
+    p = subprocess.run([sys.executable, "-m", "dhg_kernel", "uninstall"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and "removed" in p.stdout
+    listed = subprocess.run([sys.executable, "-m", "jupyter", "kernelspec", "list"], capture_output=True,
+                            text=True, env=env).stdout
+    assert str(tmp_path) not in listed
