@@ -91,15 +91,21 @@ def cmd_status(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    if args.backend not in ("qemu", "auto"):
-        print(f"dhvm prepare: images are built for the qemu backend only (not {args.backend!r}); "
+    if args.backend not in ("qemu", "firecracker", "auto"):
+        print(f"dhvm prepare: images are built for the qemu and firecracker backends only (not {args.backend!r}); "
               "the local backend needs no image", file=sys.stderr)
+        return 2
+    backend = "qemu" if args.backend == "auto" else args.backend
+    if backend != "firecracker" and (args.firecracker or args.jailer or args.network):
+        print("dhvm prepare: --firecracker, --jailer and --network need --backend firecracker", file=sys.stderr)
         return 2
     from .image import PrepareError, prepare
 
     try:
-        prepare(Layout.resolve(args.config_dir), dh_version=args.dh_version, rebuild=args.rebuild,
-                ram_mb=args.ram_mb, heap=args.heap, accel=args.accel, jvm_opts=args.jvm_opts)
+        prepare(Layout.resolve(args.config_dir), backend=backend, dh_version=args.dh_version, rebuild=args.rebuild,
+                ram_mb=args.ram_mb, heap=args.heap, accel=args.accel, jvm_opts=args.jvm_opts,
+                firecracker=args.firecracker, jailer=args.jailer, network=args.network,
+                fc_version=args.firecracker_version)
     except PrepareError as e:
         print(e, file=sys.stderr)
         return 1
@@ -171,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: KVM only when a probe boot succeeds, else TCG")
     p.add_argument("--jvm-opts", default=None,
                    help=f"extra JVM flags, as --jvm-opts='...' (default under TCG: {TCG_JVM_OPTS})")
+    from .vm.fc_api import DEFAULT_VERSION as FC_VERSION
+
+    p.add_argument("--firecracker", metavar="PATH", default=None,
+                   help="with --backend firecracker: this binary (default: firecracker on PATH, else the pinned "
+                        f"release v{FC_VERSION}, downloaded and checksum-verified)")
+    p.add_argument("--firecracker-version", default=None, metavar="X.Y.Z",
+                   help=f"the release to download when no binary is given (default {FC_VERSION}; "
+                        "base URL from $DHG_FIRECRACKER_RELEASES)")
+    p.add_argument("--jailer", metavar="PATH", default=None,
+                   help="with --backend firecracker: run every restored VM under this jailer, chrooted per instance")
+    p.add_argument("--network", action="store_true",
+                   help="with --backend firecracker: give the guest outbound network access (TAP in a network "
+                        "namespace per VM, NAT; needs root and nftables). Off by default")
     _add_common(p)
     p.set_defaults(func=cmd_prepare, backend="qemu")
 

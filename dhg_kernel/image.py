@@ -11,6 +11,10 @@ Phases (each skipped when the checksum of its inputs is unchanged, so a second r
 6. ``image``    the ext4 root disk made from the tree with ``mkfs.ext4 -d`` (no mount)
 7. ``snapshot`` a cold boot under QEMU until the agent answers ``hello`` (Deephaven started and
                 warmed up), then pause, device-state migration and ``metadata.json``
+   or, with ``backend="firecracker"``: the Firecracker binary (given, on PATH, or the pinned release
+   downloaded and verified), the prerequisite checks (Linux, a working /dev/kvm), then ``fc-snapshot``:
+   a cold boot through Firecracker's API, the same hello + warm-up over hybrid vsock, pause and a
+   full snapshot under ``vm/firecracker/snapshots/<v>/``
 
 A changed agent.py only re-runs ``guest``, ``image`` and ``snapshot``. Layout under ``DHG_HOME/vm``::
 
@@ -479,7 +483,7 @@ class _Prepare:
         """``auto``: KVM only if a probe boot under KVM reaches user space; here it does not."""
         if self.accel_wanted in ("tcg", "kvm"):
             return self.accel_wanted
-        cache = self.layout.vm / "accel-probe.json"
+        cache = accel_probe_path(self.layout)
         probe_key = _key(qemu_version(qemu), self.inputs.get("kernel"))
         try:
             cached = json.loads(cache.read_text())
@@ -638,10 +642,118 @@ class _Prepare:
                       f"({sum(c['status'] != 'ok' for c in out)} failed)")
         return out
 
+    # -- 7'. the Firecracker snapshot -------------------------------------------------------------
+
+    def firecracker_snapshot(self, binary: str | None, jailer: str | None, network: bool, fc_version: str):
+        """Obtain the binary, check the host, then cold-boot and snapshot through Firecracker's API."""
+        from .vm import firecracker as fcm
+        from .vm import netns
+        from .vm.fc_release import FirecrackerMissing, obtain
+
+        checks = fcm.host_checks(self.layout)
+        try:
+            fc = obtain(self.layout, binary, fc_version, jailer)
+            checks.append(fcm.Check("firecracker", True, f"Firecracker {'.'.join(map(str, fc.version))} at {fc.path}"))
+            self.progress(f"firecracker {fc.path} (v{'.'.join(map(str, fc.version))}, {fc.source})")
+        except FirecrackerMissing as e:
+            fc = None
+            checks.append(fcm.Check("firecracker", False, str(e)))
+        qemu = qemu_binary()
+        if fc is not None and all(c.ok for c in checks) and qemu and not any(c.name == "kvm_boots_guest" for c in checks):
+            # A QEMU probe boot under KVM tells a usable KVM from one that cannot run a guest (as here).
+            self.accel_wanted = "auto"
+            accel = self.choose_accel(qemu)
+            checks.append(fcm.Check("kvm_boots_guest", accel == "kvm", f"a probe boot under KVM "
+                                    f"{'reached' if accel == 'kvm' else 'did not reach'} the guest kernel",
+                                    "use a host with working (nested) KVM, or: dhvm prepare --backend qemu"))
+        if network:
+            reason = netns.why_not()
+            checks.append(fcm.Check("network", reason is None, reason or "ok"))
+        for c in checks:
+            self.log(f"check {c.name}: {'ok' if c.ok else 'FAILED'}: {c}")
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            first = failed[0]
+            raise PrepareError("fc-snapshot", f"the image is built ({self.art.rootfs_image}, {self.art.kernel}), but "
+                               "the Firecracker snapshot needs Linux + a working /dev/kvm + firecracker, and the check "
+                               f"'{first.name}' failed: {first.detail}" +
+                               "".join(f"\n  also failed: {c.name}: {c.detail}" for c in failed[1:]),
+                               self.log_path, first.fix or "fix the failed check, then run: dhvm prepare --backend firecracker")
+        assert fc is not None
+        jvm = self.jvm_opts or ""  # KVM: the JIT needs no TCG workaround
+        machine = fcm.FcMachine(kernel=self.art.rel(self.art.kernel), initrd=self.art.rel(self.art.initrd),
+                                rootfs=self.art.rel(self.art.rootfs_image), ram_mb=self.ram_mb, heap=self.heap,
+                                boot_args=fcm.FcMachine.kernel_cmdline(self.heap, jvm, network), network=network)
+        version = ".".join(map(str, fc.version))
+        key = _key("fc-snapshot", self.keys["image"], self.keys["kernel"], version, machine.__dict__, WARMUP_CELLS,
+                   str(fc.jailer) if jailer else None)
+        final = fcm.snapshot_dir(self.layout, self.dh_version)
+        result: list = []
+
+        def build() -> None:
+            result.append(self._fc_cold_boot_and_snapshot(fcm, fc, machine, key, final, jailer=bool(jailer)))
+
+        self.phase("fc-snapshot", key, (final / fcm.FcSnapshot.METADATA, final / fcm.MEM_NAME), build)
+        return result[0] if result else fcm.FcSnapshot.load_from(final, self.layout.vm)
+
+    def _fc_cold_boot_and_snapshot(self, fcm, fc, machine, key: str, final: Path, jailer: bool = False):
+        work = final.with_name(final.name + ".new")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, mode=0o700)
+        # The cold boot runs unjailed (prepare is root anyway); the snapshot's relative paths restore in a chroot too.
+        vm = fcm.ColdBoot(self.layout, fcm.Launch(fc), machine, self.log)
+        kept_console = self.log_path.with_name("cold-boot-console.log")
+        t0 = time.monotonic()
+        try:
+            vm.boot()
+            sock = vm.connect_agent(COLD_BOOT_TIMEOUT_S)
+            stream = P.FrameStream(sock)
+            hello = self._wait_hello(stream, vm.proc, vm.console, t0)
+            boot_s = time.monotonic() - t0
+            self.progress(f"fc-snapshot agent ready after a {boot_s:.0f}s cold boot (Deephaven {hello.get('deephaven_version')})")
+            warm = self._warm_up(stream, vm.proc)
+            # A snapshot resets every vsock connection; closing ours first leaves the agent in accept().
+            sock.close()
+            time.sleep(0.2)
+            vmstate, mem, save_s = vm.snapshot(work)
+        except Exception as e:
+            why = (f"cold boot or snapshot failed: {type(e).__name__}: {e}\n--- guest console (last lines) ---\n"
+                   f"{_tail(vm.console)}\n--- firecracker.log ---\n{_tail(vm.root / fcm.FC_LOG)}")
+            if vm.console.exists():
+                shutil.copyfile(vm.console, kept_console)
+            vm.destroy()
+            raise PrepareError("fc-snapshot", why, self.log_path,
+                               f"see the guest console {kept_console}; then run: dhvm prepare --backend firecracker") from None
+        shutil.move(str(vm.console), work / "cold-boot-console.log")
+        vm.destroy()
+        meta = fcm.new_snapshot_meta(
+            fc, machine, self.layout.vm, dh_version=self.dh_version, key=key, phase_keys=dict(self.keys),
+            inputs=self.inputs, warm_up=warm, guest_port=fcm.GUEST_DH_PORT,
+            jailer=str(fc.jailer) if jailer and fc.jailer else None,
+            timings={"cold_boot_s": round(boot_s, 1), "snapshot_s": round(save_s, 2)},
+            sizes={"mem_bytes": mem.stat().st_size, "mem_allocated_bytes": mem.stat().st_blocks * 512,
+                   "vmstate_bytes": vmstate.stat().st_size},
+            agent={k: hello.get(k) for k in ("agent_version", "deephaven_version", "python", "server", "startup_ms")})
+        fcm.FcSnapshot(vmstate, mem, {fcm.ROOT_DRIVE_ID: self.layout.vm / machine.rootfs}, meta).save_to(work)
+        # Swap the finished snapshot in; clones of the old one keep its (unlinked) mem file mapped.
+        old = final.with_name(final.name + f".old-{os.getpid()}")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(work, final)
+        shutil.rmtree(old, ignore_errors=True)
+        self.progress(f"fc-snapshot memory {meta['sizes']['mem_allocated_bytes'] / 2**20:.0f} MB used of "
+                      f"{machine.ram_mb} MB, saved in {save_s:.2f}s")
+        return fcm.FcSnapshot.load_from(final, self.layout.vm)
+
     def _need_root(self, phase: str) -> None:
         if not self.root:
             raise PrepareError(phase, "installing into the guest tree uses chroot, which needs root", self.log_path,
                                "run as root: sudo dhvm prepare (an unprivileged build is not supported yet)")
+
+
+def accel_probe_path(layout: Layout) -> Path:
+    """Where prepare caches whether a probe boot under KVM works on this host (``{"accel": "kvm"|"tcg"}``)."""
+    return layout.vm / "accel-probe.json"
 
 
 class _SilentBoot(Exception):
@@ -713,16 +825,21 @@ def _print_progress(msg: str) -> None:
 def prepare(layout: Layout, backend: str = "qemu", dh_version: str = DH_VERSION, rebuild: bool = False,
             progress: Progress | None = None, log_path: str | os.PathLike | None = None,
             ram_mb: int = DEFAULT_RAM_MB, heap: str = DEFAULT_HEAP, accel: str = "auto",
-            jvm_opts: str | None = None) -> Snapshot:
+            jvm_opts: str | None = None, firecracker: str | None = None, jailer: str | None = None,
+            network: bool = False, fc_version: str | None = None):
     """Build (or bring up to date) the image and snapshot for ``backend``; returns the snapshot.
+
+    ``backend="firecracker"`` builds the same image, then obtains Firecracker (``firecracker``: a
+    path; else PATH; else the pinned release ``fc_version``, downloaded and verified) and, where the
+    host can run it, snapshots through its API (``network``: with a TAP device, off by default).
 
     Every phase reports its name and elapsed time through ``progress`` and logs to ``log_path``
     (default ``DHG_HOME/vm/prepare.log``); a failure raises PrepareError naming the phase.
     ``ram_mb``/``heap`` size the guest and its JVM; ``jvm_opts`` are extra JVM flags (space-separated;
     None: ``-XX:TieredStopAtLevel=1`` under TCG, nothing under KVM).
     """
-    if backend != "qemu":
-        raise ValueError(f"prepare builds images for the qemu backend only (not {backend!r})")
+    if backend not in ("qemu", "firecracker"):
+        raise ValueError(f"prepare builds images for the qemu and firecracker backends only (not {backend!r})")
     layout.vm.mkdir(parents=True, exist_ok=True)
     log = Path(log_path) if log_path else layout.vm / "prepare.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -748,7 +865,12 @@ def prepare(layout: Layout, backend: str = "qemu", dh_version: str = DH_VERSION,
         p.guest()
         p.kernel()
         p.image()
-        snap = p.snapshot()
+        if backend == "firecracker":
+            from .vm.fc_api import DEFAULT_VERSION
+
+            snap = p.firecracker_snapshot(firecracker, jailer, network, fc_version or DEFAULT_VERSION)
+        else:
+            snap = p.snapshot()
     timed(f"ready: {snap.dir} (log: {log})")
     return snap
 

@@ -8,10 +8,12 @@ behind after the next start.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
 import signal
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -20,6 +22,9 @@ from pathlib import Path
 from .config import Layout
 
 INSTANCE_FILE = "instance.json"
+# Resources outside the run dir (network namespaces, jailer cgroups) that destroy() undoes, by the
+# "kind" a backend records in info["cleanup"]; a fixed list, so instance.json never names code to run.
+CLEANUP_MODULES = {"netns": "dhg_kernel.vm.netns", "jailer": "dhg_kernel.vm.firecracker"}
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -140,8 +145,16 @@ def _reap_child(pid: int) -> None:
 
 
 def destroy(rec: InstanceRecord) -> None:
-    """Kill the instance's processes and remove its directory."""
+    """Kill the instance's processes, undo its recorded external resources, remove its directory."""
     kill_processes(rec)
+    for item in rec.info.get("cleanup") or []:
+        module = CLEANUP_MODULES.get(item.get("kind")) if isinstance(item, dict) else None
+        if module is None:
+            continue
+        try:
+            importlib.import_module(module).cleanup(item)
+        except Exception as e:  # noqa: BLE001 - one failed undo must not keep the rest in place
+            print(f"dhg: cleanup of {item.get('kind')} for {rec.id} failed: {e}", file=sys.stderr)
     shutil.rmtree(rec.dir, ignore_errors=True)
 
 

@@ -51,6 +51,8 @@ class Dhvm(Magics):
     mode = Enum(["per-session", "per-cell"], default_value=default_mode(),
                 help="per-session: one server for all cells; per-cell: a fresh server for every cell.").tag(config=True)
     pool_size = Integer(1, help="Per-cell mode: servers kept restored and ready in the background.").tag(config=True)
+    network = Bool(False, help="Firecracker: give guests outbound network access (the snapshot must have been "
+                   "prepared with --network). Off by default: a VM has no network.").tag(config=True)
 
     @observe("mode", "pool_size")
     def _mode_changed(self, change) -> None:
@@ -70,8 +72,9 @@ class Dhvm(Magics):
     @property
     def session(self) -> Session:
         if self._session is None:
+            options = {"heap": self.heap, **({"network": True} if self.network else {})}
             self._session = Session(self.backend, self.config_dir or None, mode=self.mode,
-                                    pool_size=self.pool_size, heap=self.heap)
+                                    pool_size=self.pool_size, **options)
         return self._session
 
     def close(self) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import shutil
 
 from .base import Backend, BackendUnavailable, Instance
 
@@ -23,16 +22,19 @@ def get_backend(name: str, layout, **options) -> Backend:
 
         return QemuBackend(layout, **options)
     if name == "firecracker":
-        raise BackendUnavailable("the firecracker backend is not part of this build yet; use qemu or local")
+        from .firecracker import FirecrackerBackend
+
+        return FirecrackerBackend(layout, **options)
     raise BackendUnavailable(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
 
 
 def why_not(name: str, layout) -> str | None:
     """None when backend ``name`` can run here now, else the reason and the command that fixes it."""
     if name == "firecracker":
-        if shutil.which("firecracker") is None:
-            return "no firecracker binary on PATH (and the backend is not part of this build yet)"
-        return "the firecracker backend is not part of this build yet"
+        from .firecracker import FirecrackerBackend
+
+        # Every prerequisite (Linux, /dev/kvm, KVM_CREATE_VM, binary, kernel, snapshot) — first failure wins.
+        return FirecrackerBackend(layout).why_not()
     if name == "qemu":
         from .qemu import QemuBackend
 

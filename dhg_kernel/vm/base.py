@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import time
+from typing import Callable
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from .. import protocol as P
 from ..instances import InstanceRecord, destroy
 
 
@@ -101,3 +103,23 @@ def connect_unix(path: Path, timeout: float, is_alive=lambda: True) -> socket.so
         if time.monotonic() >= deadline:
             raise AgentStartError(f"the agent did not listen on {path} within {timeout:.0f}s ({last})")
         time.sleep(0.05)
+
+
+def restored_handshake(sock: socket.socket, timeout: float, is_alive: Callable[[], bool]) -> dict:
+    """After a snapshot restore: give the guest the host's clock and fresh entropy, so clones of one
+    snapshot neither live in the past nor share random numbers. Returns the agent's answer."""
+    stream = P.FrameStream(sock)
+    # Request id 0: a Session's own ids start at 1, so this exchange cannot be mistaken for one.
+    stream.send({"op": P.OP_RESTORED, "id": 0, "time_ns": time.time_ns()}, [os.urandom(64)])
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not is_alive():
+            raise AgentStartError("the restored agent did not answer")
+        try:
+            frame = stream.recv(timeout=min(left, 1.0))
+        except socket.timeout:
+            continue
+        h = frame.header
+        if h.get("re") == 0 and h.get("ev") == P.EV_DONE:
+            return {k: v for k, v in h.items() if k not in ("ev", "re")}

@@ -55,8 +55,9 @@ class LocalBackend(Backend):
 
     name = "local"
 
+    # Options meant for VM backends (network, firecracker, …) are ignored: a host process has the host's.
     def __init__(self, layout: Layout, python: str | None = None, heap: str = "2g", psk: str | None = None,
-                 start_timeout: float = AGENT_START_TIMEOUT_S):
+                 start_timeout: float = AGENT_START_TIMEOUT_S, **_ignored):
         self.layout = layout
         self.python = python or sys.executable
         self.heap = heap

@@ -25,11 +25,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .. import protocol as P
 from ..config import DH_VERSION, Layout
 from ..instances import new_instance
 from ..qmp import QMPClient
-from .base import AgentStartError, Backend, BackendUnavailable, Instance, connect_unix
+from .base import AgentStartError, Backend, BackendUnavailable, Instance, connect_unix, restored_handshake
 
 QEMU_BINARY = "qemu-system-x86_64"
 # The JVM dies under TCG with -cpu max (SIGILL) and multi-threaded TCG (SIGSEGV): see DESIGN.md.
@@ -332,7 +331,8 @@ class QemuBackend(Backend):
             # The snapshot was taken paused; the migrated run state keeps it paused until told.
             inst.qmp.execute("cont")
             inst.timings["resumed_ms"] = _ms(t0)
-            inst.restored_info = self._after_restore(inst)
+            assert inst._pending is not None
+            inst.restored_info = restored_handshake(inst._pending, self.restore_timeout, inst.alive)
             inst.timings["ready_ms"] = _ms(t0)
         except Exception as e:
             tail = inst.log_tail()
@@ -344,25 +344,6 @@ class QemuBackend(Backend):
         rec.info["restore_ms"] = inst.timings["ready_ms"]
         rec.save()
         return inst
-
-    def _after_restore(self, inst: QemuInstance) -> dict:
-        """Give the restored guest the host's clock and fresh entropy (every clone starts identical)."""
-        assert inst._pending is not None
-        stream = P.FrameStream(inst._pending)
-        # Request id 0: a Session's own ids start at 1, so this exchange cannot be mistaken for one.
-        stream.send({"op": P.OP_RESTORED, "id": 0, "time_ns": time.time_ns()}, [os.urandom(64)])
-        deadline = time.monotonic() + self.restore_timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not inst.alive():
-                raise AgentStartError("the restored agent did not answer")
-            try:
-                frame = stream.recv(timeout=min(left, 1.0))
-            except socket.timeout:
-                continue
-            h = frame.header
-            if h.get("re") == 0 and h.get("ev") == P.EV_DONE:
-                return {k: v for k, v in h.items() if k not in ("ev", "re")}
 
     def describe(self) -> dict:
         out: dict = {"backend": self.name, "isolation": "QEMU microvm", "qemu": self.qemu or qemu_binary()}

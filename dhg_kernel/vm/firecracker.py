@@ -1,0 +1,732 @@
+"""The Firecracker backend: microVMs restored from a snapshot, agent stream over hybrid vsock.
+
+Instance root. Every path given to Firecracker is *relative* to the process's working directory,
+which is the instance's own root: the run dir (``run/<id>/``) or, with the jailer, its chroot.
+The root holds ``api.sock``, ``vsock.sock`` (the hybrid-vsock socket Firecracker binds),
+``firecracker.log``, and links to the shared artifacts under the names the snapshot recorded
+(``rootfs.ext4``, ``vmstate``, ``mem``; ``vmlinux``/``initrd.img`` at the cold boot). So a
+snapshot taken in one root restores in any other: each clone binds its own ``vsock.sock`` —
+on Firecracker ≥ 1.16 ``vsock_override`` says so explicitly, before that the relative path and
+the per-instance working directory (or chroot) do it.
+
+Sharing. All clones of one snapshot map the same ``mem`` file privately (Firecracker's File
+memory backend: MAP_PRIVATE, copy-on-write, never written; the file is also made read-only) and
+open the same root disk read-only (the guest overlays a tmpfs). Deephaven's port is forwarded to a
+127.0.0.1 TCP port through hybrid vsock (``vsock.PortForwarder``); guest networking (a TAP in a
+per-instance network namespace, ``netns.py``) is optional and off by default.
+
+After a restore the host sends the agent ``restored`` with its clock and fresh entropy, exactly
+as the QEMU backend does (clones start with identical random state).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import glob
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..config import DH_VERSION, Layout
+from ..instances import InstanceRecord, new_instance
+from . import netns, vsock
+from .base import AgentStartError, Backend, BackendUnavailable, Instance, restored_handshake
+from .fc_api import (FirecrackerAPI, FirecrackerAPIError, Spec, SpecError, Version, parse_version, spec_beside,
+                     supports, version_str)
+from .fc_release import FirecrackerBinary, FirecrackerMissing, firecracker_home, from_path, obtain
+from .qemu import DEFAULT_HEAP, DEFAULT_RAM_MB, GUEST_DH_PORT, Machine as _QemuMachine, file_stamp
+
+# The guest agent's AF_VSOCK port. guest/init passes it to the agent (from dhg.vsock_port on the
+# kernel command line, which the boot args below set); init's own fallback must equal it.
+AGENT_VSOCK_PORT = 52
+GUEST_CID = 3
+DEFAULT_VCPUS = 2
+# Names inside an instance root (relative paths: see the module docstring).
+API_SOCK = "api.sock"
+VSOCK_UDS = "vsock.sock"
+FC_LOG = "firecracker.log"
+CONSOLE_LOG = "agent.log"
+KERNEL_NAME = "vmlinux"
+INITRD_NAME = "initrd.img"
+ROOTFS_NAME = "rootfs.ext4"
+VMSTATE_NAME = "vmstate"
+MEM_NAME = "mem"
+ROOT_DRIVE_ID = "rootfs"
+IFACE_ID = "eth0"
+SNAPSHOT_FORMAT = 1
+# A restore is a few hundred ms on KVM; this bounds a broken one.
+RESTORE_TIMEOUT_S = 30.0
+# ioctls of /dev/kvm (linux/kvm.h: _IO(KVMIO=0xAE, n)).
+KVM_GET_API_VERSION = 0xAE00
+KVM_CREATE_VM = 0xAE01
+KVM_API_VERSION = 12
+
+
+# -- the machine and the request bodies -----------------------------------------------------------
+
+
+@dataclass
+class FcMachine:
+    """What must be identical at the cold boot and every restore (paths relative to DHG_HOME/vm)."""
+
+    kernel: str
+    initrd: str | None
+    rootfs: str
+    ram_mb: int = DEFAULT_RAM_MB
+    vcpus: int = DEFAULT_VCPUS
+    heap: str = DEFAULT_HEAP
+    boot_args: str = ""
+    network: bool = False
+
+    @staticmethod
+    def kernel_cmdline(heap: str, jvm_opts: str = "", network: bool = False) -> str:
+        """The QEMU guest's command line plus what makes init use vsock (and the TAP, if any)."""
+        words = [_QemuMachine.kernel_cmdline(heap, jvm_opts), "reboot=k", "pci=off", "i8042.noaux",
+                 "dhg.transport=vsock", f"dhg.vsock_port={AGENT_VSOCK_PORT}"]
+        if network:
+            words += [f"dhg.ip={netns.GUEST_IP}/{netns.TAP_PREFIX}", f"dhg.gw={netns.TAP_HOST_IP}"]
+        return " ".join(words)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One API request: method, path, the spec definition its body must match, and the body."""
+
+    method: str
+    path: str
+    definition: str | None
+    body: dict | None
+
+
+def cold_boot_calls(machine: FcMachine, version: Version) -> list[Call]:
+    """Configure a fresh Firecracker for the cold boot and start the guest."""
+    calls = [
+        Call("PUT", "/logger", "Logger", {"log_path": FC_LOG, "level": "Warning", "show_level": True}),
+        Call("PUT", "/machine-config", "MachineConfiguration",
+             {"vcpu_count": machine.vcpus, "mem_size_mib": machine.ram_mb, "smt": False}),
+        Call("PUT", "/boot-source", "BootSource",
+             {"kernel_image_path": KERNEL_NAME, "boot_args": machine.boot_args,
+              **({"initrd_path": INITRD_NAME} if machine.initrd else {})}),
+        # One read-only root disk for every clone; the guest's writes go to its tmpfs overlay.
+        Call("PUT", f"/drives/{ROOT_DRIVE_ID}", "Drive",
+             {"drive_id": ROOT_DRIVE_ID, "path_on_host": ROOTFS_NAME, "is_root_device": True, "is_read_only": True}),
+        Call("PUT", "/vsock", "Vsock", {"guest_cid": GUEST_CID, "uds_path": VSOCK_UDS}),
+        Call("PUT", "/entropy", "EntropyDevice", {}),
+    ]
+    if machine.network:
+        calls.append(Call("PUT", f"/network-interfaces/{IFACE_ID}", "NetworkInterface",
+                          {"iface_id": IFACE_ID, "host_dev_name": netns.TAP_NAME, "guest_mac": netns.GUEST_MAC}))
+    calls.append(Call("PUT", "/actions", "InstanceActionInfo", {"action_type": "InstanceStart"}))
+    return calls
+
+
+def snapshot_calls(version: Version) -> list[Call]:
+    """Pause the guest and write a full snapshot (device state + all of guest memory)."""
+    return [Call("PATCH", "/vm", "Vm", {"state": "Paused"}),
+            Call("PUT", "/snapshot/create", "SnapshotCreateParams",
+                 {"snapshot_type": "Full", "snapshot_path": VMSTATE_NAME, "mem_file_path": MEM_NAME})]
+
+
+def restore_calls(version: Version, network: bool) -> list[Call]:
+    """Load a snapshot into a fresh Firecracker and resume it; newer fields only where known."""
+    load: dict = {"snapshot_path": VMSTATE_NAME, "mem_backend": {"backend_type": "File", "backend_path": MEM_NAME},
+                  "resume_vm": True}
+    if supports(version, "SnapshotLoadParams", "vsock_override"):
+        load["vsock_override"] = {"uds_path": VSOCK_UDS}
+    if supports(version, "SnapshotLoadParams", "clock_realtime"):
+        load["clock_realtime"] = True  # kvmclock catches up with the wall clock; the agent then sets it exactly
+    if network and supports(version, "SnapshotLoadParams", "network_overrides"):
+        load["network_overrides"] = [{"iface_id": IFACE_ID, "host_dev_name": netns.TAP_NAME}]
+    return [Call("PUT", "/logger", "Logger", {"log_path": FC_LOG, "level": "Warning", "show_level": True}),
+            Call("PUT", "/snapshot/load", "SnapshotLoadParams", load)]
+
+
+def send(api: FirecrackerAPI, calls: list[Call]) -> None:
+    """Send calls in order (each validated by the client before it leaves)."""
+    for c in calls:
+        if c.definition and c.body is not None:
+            api.check(c.definition, c.body)
+        api.request(c.method, c.path, c.body)
+
+
+def load_spec(fc: FirecrackerBinary) -> Spec | None:
+    """The release's own spec beside the binary (if kept), narrowed to the binary's version."""
+    import importlib.util
+
+    path = fc.spec or spec_beside(fc.path) or os.environ.get("DHG_FIRECRACKER_SPEC")
+    if not path or not Path(path).is_file():
+        return None
+    if importlib.util.find_spec("jsonschema") is None or importlib.util.find_spec("yaml") is None:
+        return None  # validation needs both; the version gate (FIELD_SINCE) still applies without them
+    return Spec.load(path).for_version(fc.version)
+
+
+# -- the snapshot ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FcSnapshot:
+    """A Firecracker snapshot as a value: device state, guest memory, the disks it expects, metadata."""
+
+    vmstate: Path
+    mem: Path
+    disks: dict[str, Path]
+    meta: dict = field(default_factory=dict, compare=False)
+
+    METADATA = "metadata.json"
+
+    @property
+    def dir(self) -> Path:
+        return self.vmstate.parent
+
+    @property
+    def machine(self) -> FcMachine:
+        return FcMachine(**self.meta["machine"])
+
+    @property
+    def firecracker_version(self) -> Version:
+        return parse_version(self.meta["firecracker_version"])
+
+    def save_to(self, directory: Path) -> "FcSnapshot":
+        """Write metadata.json (atomically, last: its presence marks a complete snapshot)."""
+        data = {**self.meta, "format": SNAPSHOT_FORMAT, "backend": "firecracker"}
+        tmp = directory / (self.METADATA + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        os.replace(tmp, directory / self.METADATA)
+        return FcSnapshot(directory / VMSTATE_NAME, directory / MEM_NAME, self.disks, data)
+
+    @classmethod
+    def load_from(cls, directory: Path, vm_dir: Path) -> "FcSnapshot":
+        """Read a snapshot; BackendUnavailable (saying to run prepare) if it is missing or stale."""
+        hint = "run: dhvm prepare --backend firecracker"
+        try:
+            meta = json.loads((directory / cls.METADATA).read_text())
+        except FileNotFoundError:
+            raise BackendUnavailable(f"no Firecracker snapshot under {directory} — {hint}") from None
+        except ValueError as e:
+            raise BackendUnavailable(f"unreadable snapshot metadata under {directory} ({e}) — {hint} --rebuild") from None
+        if meta.get("format") != SNAPSHOT_FORMAT or meta.get("backend") != "firecracker":
+            raise BackendUnavailable(f"{directory} is not a format-{SNAPSHOT_FORMAT} Firecracker snapshot — {hint} --rebuild")
+        snap = cls(directory / VMSTATE_NAME, directory / MEM_NAME,
+                   {ROOT_DRIVE_ID: vm_dir / meta["machine"]["rootfs"]}, meta)
+        for p in (snap.vmstate, snap.mem):
+            if not p.is_file():
+                raise BackendUnavailable(f"snapshot file {p} is missing — {hint}")
+        return snap
+
+    def check_inputs(self, vm_dir: Path) -> None:
+        """The root disk must be the very file the snapshot was taken with."""
+        for rel, stamp in (self.meta.get("files") or {}).items():
+            p = vm_dir / rel
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                raise BackendUnavailable(f"{p} (used by the snapshot) is missing — run: dhvm prepare --backend firecracker") from None
+            if [st.st_size, st.st_mtime_ns] != stamp:
+                raise BackendUnavailable(f"{p} changed after the snapshot was taken — run: dhvm prepare --backend firecracker")
+
+    def check_version(self, version: Version) -> None:
+        """Only the Firecracker version that made a snapshot restores it."""
+        made = self.firecracker_version
+        if made != version:
+            raise BackendUnavailable(
+                f"the snapshot under {self.dir} was made by Firecracker {version_str(made)}, but the binary is "
+                f"{version_str(version)}; a snapshot is only restored by the version that made it — run: "
+                "dhvm prepare --backend firecracker --rebuild (or pass --firecracker with the old binary)")
+
+
+def snapshot_dir(layout: Layout, dh_version: str = DH_VERSION) -> Path:
+    """``DHG_HOME/vm/firecracker/snapshots/<dh-version>`` (apart from QEMU's, which prepare swaps whole)."""
+    return firecracker_home(layout) / "snapshots" / dh_version
+
+
+# -- prerequisite checks --------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    """One prerequisite: its name, whether it holds, what was found, and what fixes it."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        return self.detail + (f" — {self.fix}" if self.fix and not self.ok else "")
+
+
+def kvm_create_vm(path: str = "/dev/kvm") -> tuple[bool, str]:
+    """Open /dev/kvm and create (then drop) a VM: proves the module answers, not that a guest boots."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return False, f"cannot open {path}: {e.strerror}"
+    try:
+        api = fcntl.ioctl(fd, KVM_GET_API_VERSION, 0)
+        if api != KVM_API_VERSION:
+            return False, f"{path} speaks KVM API {api}, not {KVM_API_VERSION}"
+        vm = fcntl.ioctl(fd, KVM_CREATE_VM, 0)
+        os.close(vm)
+        return True, f"{path}: KVM_CREATE_VM ok"
+    except OSError as e:
+        return False, f"KVM_CREATE_VM on {path} failed: {e.strerror}"
+    finally:
+        os.close(fd)
+
+
+def kvm_probe_result(layout: Layout) -> str | None:
+    """The cached result ("kvm"/"tcg") of prepare's QEMU probe boot under KVM on this host, if any."""
+    from ..image import accel_probe_path
+
+    try:
+        return json.loads(accel_probe_path(layout).read_text()).get("accel")
+    except (OSError, ValueError):
+        return None
+
+
+def host_checks(layout: Layout) -> list[Check]:
+    """Linux on x86_64 and a /dev/kvm that can create a VM (and, if it was probed, boot a guest)."""
+    out = [Check("linux", sys.platform == "linux" and platform.machine() == "x86_64",
+                 f"{sys.platform}/{platform.machine()}", "Firecracker runs on Linux x86_64 hosts only")]
+    kvm_ok = os.access("/dev/kvm", os.R_OK | os.W_OK)
+    out.append(Check("kvm_access", kvm_ok, "/dev/kvm is readable and writable" if kvm_ok else
+                     "/dev/kvm is missing or not readable/writable by this user",
+                     "load kvm (modprobe kvm_intel or kvm_amd), enable virtualization (nested, on a cloud VM), "
+                     "and: sudo usermod -aG kvm $USER (then log in again)"))
+    if kvm_ok:
+        ok, detail = kvm_create_vm()
+        out.append(Check("kvm_create_vm", ok, detail, "the KVM module refuses to create a VM; check dmesg"))
+        probed = kvm_probe_result(layout)
+        if probed is not None:
+            out.append(Check("kvm_boots_guest", probed == "kvm",
+                             "a probe boot under KVM reached the guest kernel" if probed == "kvm" else
+                             "a probe boot under KVM failed on this host (cached by dhvm prepare): this KVM "
+                             "cannot run a guest",
+                             "use a host with working (nested) KVM, or: dhvm prepare --backend qemu (TCG)"))
+    return out
+
+
+def kernel_check(layout: Layout) -> Check:
+    from ..image import Artifacts
+
+    kernel = Artifacts(layout.vm, DH_VERSION).kernel
+    try:
+        ok = kernel.read_bytes()[:4] == b"\x7fELF" if kernel.stat().st_size else False
+    except OSError:
+        ok = False
+    return Check("kernel", ok, f"ELF vmlinux at {kernel}" if ok else f"no ELF vmlinux at {kernel}",
+                 "run: dhvm prepare --backend firecracker")
+
+
+# -- instances ------------------------------------------------------------------------------------
+
+
+class FirecrackerInstance(Instance):
+    """One restored microVM: a Firecracker process, its API, the Deephaven port forwarder."""
+
+    def __init__(self, record: InstanceRecord, proc: subprocess.Popen, root: Path, snapshot: FcSnapshot):
+        super().__init__(record)
+        self.proc = proc
+        self.root = root
+        self.snapshot = snapshot
+        self.api: FirecrackerAPI | None = None
+        self.forwarder: vsock.PortForwarder | None = None
+        self._pending: socket.socket | None = None
+        self.timings: dict[str, float] = {}
+        self.restored_info: dict = {}
+
+    @property
+    def vsock_path(self) -> Path:
+        return self.root / VSOCK_UDS
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def connect(self, timeout: float) -> socket.socket:
+        """The agent stream. The first call returns the connection made during restore."""
+        if self._pending is not None:
+            sock, self._pending = self._pending, None
+            return sock
+        return vsock.connect(self.vsock_path, AGENT_VSOCK_PORT, timeout, self.alive)
+
+    def stop(self) -> None:
+        if self._pending is not None:
+            self._pending.close()
+            self._pending = None
+        if self.forwarder is not None:
+            self.forwarder.close()
+            self.forwarder = None
+        if self.api is not None:
+            self.api.close()
+            self.api = None
+        super().stop()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def describe(self) -> dict:
+        return {**super().describe(), "snapshot": str(self.snapshot.dir), "pid": self.proc.pid,
+                "deephaven_port": self.forwarder.address if self.forwarder else None,
+                "restore_ms": self.timings.get("ready_ms")}
+
+    def log_tail(self, lines: int = 25) -> str:
+        tail = super().log_tail(lines)
+        try:
+            fc_log = "\n".join((self.root / FC_LOG).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            fc_log = ""
+        return f"{tail}\n--- {FC_LOG} ---\n{fc_log}" if fc_log.strip() else tail
+
+
+@dataclass
+class Launch:
+    """How to start one Firecracker process for an instance (plain, or under the jailer)."""
+
+    fc: FirecrackerBinary
+    jailer: Path | None = None
+    uid: int = 0
+    gid: int = 0
+
+    def root(self, rec: InstanceRecord) -> Path:
+        """The instance root: the run dir, or the jailer's chroot inside it."""
+        if self.jailer is None:
+            return Path(rec.dir)
+        return Path(rec.dir) / "jail" / self.fc.path.name / rec.id / "root"
+
+    def argv(self, rec: InstanceRecord, plan: netns.NetPlan | None) -> list[str]:
+        if self.jailer is None:
+            return [str(self.fc.path), "--api-sock", API_SOCK, "--id", rec.id]
+        argv = [str(self.jailer), "--id", rec.id, "--exec-file", str(self.fc.path), "--uid", str(self.uid),
+                "--gid", str(self.gid), "--chroot-base-dir", str(Path(rec.dir) / "jail"),
+                "--cgroup-version", "2" if os.path.exists("/sys/fs/cgroup/cgroup.controllers") else "1"]
+        if plan is not None:
+            argv += ["--netns", plan.netns_path]
+        return argv + ["--", "--api-sock", "/" + API_SOCK]
+
+    def cleanup_items(self, rec: InstanceRecord) -> list[dict]:
+        """The jailer makes a cgroup per instance, outside the run dir: recorded for destroy()."""
+        if self.jailer is None:
+            return []
+        name = self.fc.path.name
+        # cgroup v2 (one tree), then v1 (a tree per controller).
+        dirs = [f"/sys/fs/cgroup/{name}/{rec.id}"] + [f"{d}/{rec.id}" for d in sorted(glob.glob(f"/sys/fs/cgroup/*/{name}"))]
+        return [{"kind": "jailer", "id": rec.id, "cgroup_dirs": dirs}]
+
+    def populate(self, root: Path, files: dict[str, Path]) -> None:
+        """Put the artifacts in the root under their recorded names: symlinks in a run dir, hard
+        links in a chroot (a symlink would point outside it)."""
+        root.mkdir(parents=True, exist_ok=True)
+        for name, target in files.items():
+            dst = root / name
+            if self.jailer is None:
+                os.symlink(target, dst)
+            else:
+                try:
+                    os.link(target, dst)
+                except OSError as e:
+                    raise BackendUnavailable(f"cannot hard-link {target} into the jailer chroot {root} ({e}); "
+                                             "DHG_HOME/vm must be on one filesystem") from None
+        (root / FC_LOG).touch(mode=0o600)  # older Firecrackers open the log file without creating it
+        if self.jailer is not None:
+            os.chown(root / FC_LOG, self.uid, self.gid)
+
+    def spawn(self, rec: InstanceRecord, plan: netns.NetPlan | None) -> subprocess.Popen:
+        root = self.root(rec)
+        enter = None
+        if plan is not None and self.jailer is None:
+            name = plan.netns
+            enter = lambda: netns.enter(name)  # noqa: E731 - runs between fork and exec
+        with open(Path(rec.dir) / CONSOLE_LOG, "ab") as console:
+            # The guest's serial console is Firecracker's stdout: the instance log, as with QEMU.
+            proc = subprocess.Popen(self.argv(rec, plan), cwd=root if self.jailer is None else rec.dir,
+                                    stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                                    start_new_session=True, umask=0o077, preexec_fn=enter)
+        rec.add_process(proc.pid, "firecracker")
+        return proc
+
+
+def cleanup(item: dict) -> None:
+    """``instances.destroy`` hook: remove the jailer's per-instance cgroups (empty once it is dead)."""
+    for d in item.get("cgroup_dirs", []):
+        # Only a directory named after this instance, under the cgroup tree, is ever removed.
+        if d.startswith("/sys/fs/cgroup/") and Path(d).name == item.get("id") and os.path.isdir(d):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+
+
+class FirecrackerBackend(Backend):
+    """Restores Firecracker microVMs from the snapshot ``dhvm prepare --backend firecracker`` made."""
+
+    name = "firecracker"
+
+    def __init__(self, layout: Layout, dh_version: str = DH_VERSION, firecracker: str | None = None,
+                 jailer: str | None = None, jailer_uid: int | None = None, jailer_gid: int | None = None,
+                 network: bool = False, netns_parent: str | None = None,
+                 restore_timeout: float = RESTORE_TIMEOUT_S, heap: str | None = None, **_ignored):
+        self.layout = layout
+        self.dh_version = dh_version
+        self.firecracker = firecracker
+        self.jailer = jailer
+        self.jailer_uid = os.geteuid() if jailer_uid is None else jailer_uid
+        self.jailer_gid = os.getegid() if jailer_gid is None else jailer_gid
+        self.network = network
+        self.netns_parent = netns_parent
+        self.restore_timeout = restore_timeout
+        self.heap_requested = heap
+        self._fc: FirecrackerBinary | None = None
+        self._snapshot: FcSnapshot | None = None
+
+    # -- checks ------------------------------------------------------------------------------------
+
+    def binary(self) -> FirecrackerBinary:
+        """The binary to run: --firecracker, else the one that made the snapshot, else PATH/downloaded."""
+        if self._fc is not None:
+            return self._fc
+        try:
+            if self.firecracker:
+                fc = from_path(self.firecracker, "explicit", self.jailer)
+            else:
+                made_by = self._snapshot_meta().get("firecracker")
+                if made_by and os.access(made_by, os.X_OK):
+                    fc = from_path(made_by, "snapshot", self.jailer)
+                else:
+                    fc = obtain(self.layout, jailer=self.jailer, allow_download=False)
+        except FirecrackerMissing as e:
+            raise BackendUnavailable(str(e)) from None
+        self._fc = fc
+        return fc
+
+    def _snapshot_meta(self) -> dict:
+        try:
+            return json.loads((snapshot_dir(self.layout, self.dh_version) / FcSnapshot.METADATA).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def snapshot(self) -> FcSnapshot:
+        """The prepared snapshot, checked against its inputs, this binary's version and the options."""
+        snap = FcSnapshot.load_from(snapshot_dir(self.layout, self.dh_version), self.layout.vm)
+        snap.check_inputs(self.layout.vm)
+        snap.check_version(self.binary().version)
+        if self.network and not snap.machine.network:
+            raise BackendUnavailable("guest networking was asked for, but the snapshot has no network device — "
+                                     "run: dhvm prepare --backend firecracker --network --rebuild")
+        self._snapshot = snap
+        return snap
+
+    def checks(self) -> list[Check]:
+        """Every prerequisite, in order; ``why_not`` reports the first that fails."""
+        out = host_checks(self.layout)
+        try:
+            fc = self.binary()
+            out.append(Check("firecracker", True, f"Firecracker {version_str(fc.version)} at {fc.path} ({fc.source})"))
+        except BackendUnavailable as e:
+            out.append(Check("firecracker", False, str(e)))
+        if self.jailer:
+            j = Path(self.jailer)
+            out.append(Check("jailer", j.is_file() and os.access(j, os.X_OK), f"jailer at {j}",
+                             "give the release's jailer binary with --jailer PATH"))
+        out.append(kernel_check(self.layout))
+        if self.network:
+            reason = netns.why_not()
+            out.append(Check("network", reason is None, reason or "network namespaces, TAP and nft available"))
+        try:
+            snap = self.snapshot()
+            out.append(Check("snapshot", True, f"{snap.dir} (Firecracker {snap.meta.get('firecracker_version')}, "
+                                               f"created {snap.meta.get('created')})"))
+        except BackendUnavailable as e:
+            out.append(Check("snapshot", False, str(e)))
+        return out
+
+    def why_not(self) -> str | None:
+        for c in self.checks():
+            if not c.ok:
+                return f"{c.name}: {c}"
+        return None
+
+    def launch(self, fc: FirecrackerBinary) -> Launch:
+        """Plain, or under the jailer given here or recorded by ``dhvm prepare --jailer``."""
+        chosen = self.jailer or self._snapshot_meta().get("jailer")
+        jailer = Path(chosen) if chosen else None
+        return Launch(fc, jailer, self.jailer_uid, self.jailer_gid)
+
+    # -- start -------------------------------------------------------------------------------------
+
+    def start(self) -> FirecrackerInstance:
+        """Restore a fresh VM from the snapshot; returns once the agent has taken the host's clock."""
+        fc = self.binary()
+        snap = self._snapshot or self.snapshot()
+        return restore(self.layout, self.launch(fc), snap, self.network, self.restore_timeout,
+                       netns_parent=self.netns_parent)
+
+    def describe(self) -> dict:
+        out: dict = {"backend": self.name, "isolation": "Firecracker microVM (KVM)",
+                     "checks": {c.name: ("ok: " if c.ok else "FAILED: ") + str(c) for c in self.checks()}}
+        if self._fc:
+            out.update(self._fc.describe())
+        if self._snapshot:
+            m = self._snapshot.machine
+            out.update({"snapshot": str(self._snapshot.dir), "ram_mb": m.ram_mb, "vcpus": m.vcpus, "heap": m.heap,
+                        "network": m.network, "snapshot_created": self._snapshot.meta.get("created")})
+        if self.heap_requested and self.heap_requested != out.get("heap"):
+            out["note"] = f"heap {self.heap_requested} requested, but the snapshot's JVM has {out.get('heap')}"
+        return out
+
+
+def restore(layout: Layout, launch: Launch, snap: FcSnapshot, network: bool = False,
+            timeout: float = RESTORE_TIMEOUT_S, netns_parent: str | None = None) -> FirecrackerInstance:
+    """One clone of ``snap`` in a run dir of its own: spawn, load, hand over clock and entropy, forward DH."""
+    t0 = time.perf_counter()
+    rec = new_instance(layout, FirecrackerBackend.name)
+    plan = None
+    inst: FirecrackerInstance | None = None
+    try:
+        rec.info["cleanup"] = launch.cleanup_items(rec)
+        rec.save()
+        if network:
+            plan = netns.setup(rec.id, layout.run, netns_parent)
+            rec.info["cleanup"].append(plan.cleanup_item())
+            rec.info["network"] = {"netns": plan.netns, "guest_ip": netns.GUEST_IP}
+            rec.save()
+        root = launch.root(rec)
+        launch.populate(root, {VMSTATE_NAME: snap.vmstate, MEM_NAME: snap.mem, ROOTFS_NAME: snap.disks[ROOT_DRIVE_ID]})
+        proc = launch.spawn(rec, plan)
+        inst = FirecrackerInstance(rec, proc, root, snap)
+        inst.api = FirecrackerAPI(root / API_SOCK, launch.fc.version, load_spec(launch.fc))
+        inst.api.wait_ready(is_alive=inst.alive)
+        inst.timings["api_ms"] = _ms(t0)
+        send(inst.api, restore_calls(launch.fc.version, network))
+        inst.timings["loaded_ms"] = _ms(t0)
+        inst._pending = vsock.connect(inst.vsock_path, AGENT_VSOCK_PORT, timeout, inst.alive)
+        inst.restored_info = restored_handshake(inst._pending, timeout, inst.alive)
+        inst.forwarder = vsock.PortForwarder(inst.vsock_path, GUEST_DH_PORT)
+        inst.timings["ready_ms"] = _ms(t0)
+    except Exception as e:
+        tail = inst.log_tail() if inst else ""
+        if inst is not None:
+            inst.stop()
+        else:
+            from ..instances import destroy
+
+            destroy(rec)
+        if isinstance(e, (BackendUnavailable, netns.NetworkSetupError)):
+            raise
+        raise AgentStartError(f"Firecracker restore from {snap.dir} failed: {e}\n--- guest console / {FC_LOG} ---\n"
+                              f"{tail}\nIf the snapshot is stale, run: dhvm prepare --backend firecracker --rebuild") from None
+    port = inst.forwarder.port
+    rec.info.update({"snapshot": str(snap.dir), "firecracker_version": version_str(launch.fc.version),
+                     "deephaven_port": port, "deephaven_url": f"http://127.0.0.1:{port}/ide/",
+                     "restore_ms": inst.timings["ready_ms"]})
+    rec.save()
+    return inst
+
+
+# -- the cold boot (used by dhvm prepare) ---------------------------------------------------------
+
+
+class ColdBoot:
+    """A freshly booted VM for ``dhvm prepare``: boot, hand over the agent stream, snapshot, finish."""
+
+    def __init__(self, layout: Layout, launch: Launch, machine: FcMachine, log: Callable[[str], None],
+                 netns_parent: str | None = None):
+        self.layout = layout
+        self.launch = launch
+        self.machine = machine
+        self.log = log
+        self.netns_parent = netns_parent
+        # The cold-boot VM is an instance like any other, so a killed prepare leaves nothing behind.
+        self.rec = new_instance(layout, "firecracker-prepare")
+        self.root = launch.root(self.rec)
+        self.proc: subprocess.Popen | None = None
+        self.api: FirecrackerAPI | None = None
+        self.plan: netns.NetPlan | None = None
+
+    @property
+    def console(self) -> Path:
+        return Path(self.rec.dir) / CONSOLE_LOG
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def boot(self) -> None:
+        vm = self.layout.vm
+        self.rec.info["cleanup"] = self.launch.cleanup_items(self.rec)
+        self.rec.save()
+        if self.machine.network:
+            self.plan = netns.setup(self.rec.id, self.layout.run, self.netns_parent)
+            self.rec.info["cleanup"].append(self.plan.cleanup_item())
+            self.rec.save()
+        files = {KERNEL_NAME: vm / self.machine.kernel, ROOTFS_NAME: vm / self.machine.rootfs}
+        if self.machine.initrd:
+            files[INITRD_NAME] = vm / self.machine.initrd
+        self.launch.populate(self.root, files)
+        self.proc = self.launch.spawn(self.rec, self.plan)
+        self.api = FirecrackerAPI(self.root / API_SOCK, self.launch.fc.version, load_spec(self.launch.fc))
+        self.api.wait_ready(is_alive=self.alive)
+        send(self.api, cold_boot_calls(self.machine, self.launch.fc.version))
+        self.log("firecracker API calls:\n" + "\n".join(f"  {m} {p} {json.dumps(b)}" for m, p, b in self.api.calls))
+
+    def connect_agent(self, timeout: float) -> socket.socket:
+        return vsock.connect(self.root / VSOCK_UDS, AGENT_VSOCK_PORT, timeout, self.alive)
+
+    def snapshot(self, dest: Path) -> tuple[Path, Path, float]:
+        """Pause, write vmstate + mem, move them to ``dest`` (mem made read-only). Returns their paths and seconds."""
+        assert self.api is not None
+        t0 = time.monotonic()
+        send(self.api, snapshot_calls(self.launch.fc.version))
+        secs = time.monotonic() - t0
+        self.finish()
+        dest.mkdir(parents=True, exist_ok=True)
+        out = []
+        for name in (VMSTATE_NAME, MEM_NAME):
+            src = self.root / name
+            with open(src, "rb+") as fh:
+                os.fsync(fh.fileno())  # on disk before the snapshot is declared done
+            shutil.move(str(src), dest / name)
+            os.chmod(dest / name, 0o400)  # clones map it privately; nothing may ever write it
+            out.append(dest / name)
+        return out[0], out[1], secs
+
+    def finish(self) -> None:
+        """Stop the Firecracker process (the snapshot files stay in the root until moved)."""
+        if self.api is not None:
+            self.api.close()
+            self.api = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def destroy(self) -> None:
+        from ..instances import destroy
+
+        self.finish()
+        destroy(self.rec)
+
+
+def new_snapshot_meta(fc: FirecrackerBinary, machine: FcMachine, vm_dir: Path, **extra) -> dict:
+    """The metadata every Firecracker snapshot records (version, machine, input stamps, when)."""
+    files = {machine.rootfs: file_stamp(vm_dir / machine.rootfs)}
+    return {"backend": "firecracker", "firecracker_version": version_str(fc.version), "firecracker": str(fc.path),
+            "machine": asdict(machine), "files": files, "agent_vsock_port": AGENT_VSOCK_PORT, "guest_cid": GUEST_CID,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra}
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 1)
+
+
+__all__ = ["AGENT_VSOCK_PORT", "Call", "Check", "ColdBoot", "FcMachine", "FcSnapshot", "FirecrackerBackend",
+           "FirecrackerInstance", "Launch", "cold_boot_calls", "restore", "restore_calls", "snapshot_calls",
+           "snapshot_dir", "FirecrackerAPIError", "SpecError"]
