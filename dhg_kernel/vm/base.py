@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 from typing import Callable
 from abc import ABC, abstractmethod
@@ -59,6 +60,63 @@ class Instance(ABC):
             return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+class RestoredInstance(Instance):
+    """A VM restored from a snapshot by one VMM process, holding the agent connection that the
+    restore opened (the after-restore handshake ran on it; the first ``connect`` hands it over)."""
+
+    vmm_log = ""
+    """The VMM's own log file (relative to ``log_dir``), appended to ``log_tail``."""
+
+    def __init__(self, record: InstanceRecord, proc: subprocess.Popen):
+        super().__init__(record)
+        self.proc = proc
+        self._pending: socket.socket | None = None
+        self.timings: dict[str, float] = {}
+        """Milliseconds from the start of the restore to each of its steps."""
+        self.restored_info: dict = {}
+        """The agent's answer to the after-restore handshake (clock skew, entropy)."""
+
+    @property
+    def log_dir(self) -> Path:
+        return self.dir
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def connect(self, timeout: float) -> socket.socket:
+        """The agent stream. The first call returns the connection made during restore."""
+        if self._pending is not None:
+            sock, self._pending = self._pending, None
+            return sock
+        return self.reconnect(timeout)
+
+    @abstractmethod
+    def reconnect(self, timeout: float) -> socket.socket:
+        """A new connection to the agent of this running VM."""
+
+    def close_handles(self) -> None:
+        """Close the VMM's control channels (QMP, API client, forwarders) before the process goes."""
+
+    def stop(self) -> None:
+        if self._pending is not None:
+            self._pending.close()
+            self._pending = None
+        self.close_handles()
+        super().stop()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def log_tail(self, lines: int = 25) -> str:
+        tail = super().log_tail(lines)
+        try:
+            vmm = "\n".join((self.log_dir / self.vmm_log).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            vmm = ""
+        return f"{tail}\n--- {self.vmm_log} ---\n{vmm}" if vmm.strip() else tail
 
 
 class Backend(ABC):

@@ -39,7 +39,7 @@ from typing import Callable
 from ..config import DH_VERSION, Layout
 from ..instances import InstanceRecord, new_instance
 from . import netns, vsock
-from .base import AgentStartError, Backend, BackendUnavailable, Instance, restored_handshake
+from .base import AgentStartError, Backend, BackendUnavailable, RestoredInstance, restored_handshake
 from .fc_api import (FirecrackerAPI, FirecrackerAPIError, Spec, SpecError, Version, parse_version, spec_beside,
                      supports, version_str)
 from .fc_release import FirecrackerBinary, FirecrackerMissing, firecracker_home, from_path, obtain
@@ -331,62 +331,41 @@ def kernel_check(layout: Layout) -> Check:
 # -- instances ------------------------------------------------------------------------------------
 
 
-class FirecrackerInstance(Instance):
+class FirecrackerInstance(RestoredInstance):
     """One restored microVM: a Firecracker process, its API, the Deephaven port forwarder."""
 
+    vmm_log = FC_LOG
+
     def __init__(self, record: InstanceRecord, proc: subprocess.Popen, root: Path, snapshot: FcSnapshot):
-        super().__init__(record)
-        self.proc = proc
+        super().__init__(record, proc)
         self.root = root
         self.snapshot = snapshot
         self.api: FirecrackerAPI | None = None
         self.forwarder: vsock.PortForwarder | None = None
-        self._pending: socket.socket | None = None
-        self.timings: dict[str, float] = {}
-        self.restored_info: dict = {}
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root
 
     @property
     def vsock_path(self) -> Path:
         return self.root / VSOCK_UDS
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def connect(self, timeout: float) -> socket.socket:
-        """The agent stream. The first call returns the connection made during restore."""
-        if self._pending is not None:
-            sock, self._pending = self._pending, None
-            return sock
+    def reconnect(self, timeout: float) -> socket.socket:
         return vsock.connect(self.vsock_path, AGENT_VSOCK_PORT, timeout, self.alive)
 
-    def stop(self) -> None:
-        if self._pending is not None:
-            self._pending.close()
-            self._pending = None
+    def close_handles(self) -> None:
         if self.forwarder is not None:
             self.forwarder.close()
             self.forwarder = None
         if self.api is not None:
             self.api.close()
             self.api = None
-        super().stop()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
 
     def describe(self) -> dict:
         return {**super().describe(), "snapshot": str(self.snapshot.dir), "pid": self.proc.pid,
                 "deephaven_port": self.forwarder.address if self.forwarder else None,
                 "restore_ms": self.timings.get("ready_ms")}
-
-    def log_tail(self, lines: int = 25) -> str:
-        tail = super().log_tail(lines)
-        try:
-            fc_log = "\n".join((self.root / FC_LOG).read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            fc_log = ""
-        return f"{tail}\n--- {FC_LOG} ---\n{fc_log}" if fc_log.strip() else tail
 
 
 @dataclass

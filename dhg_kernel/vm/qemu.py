@@ -28,7 +28,7 @@ from pathlib import Path
 from ..config import DH_VERSION, Layout
 from ..instances import new_instance
 from ..qmp import QMPClient
-from .base import AgentStartError, Backend, BackendUnavailable, Instance, connect_unix, restored_handshake
+from .base import AgentStartError, Backend, BackendUnavailable, RestoredInstance, connect_unix, restored_handshake
 
 QEMU_BINARY = "qemu-system-x86_64"
 # The JVM dies under TCG with -cpu max (SIGILL) and multi-threaded TCG (SIGSEGV): see DESIGN.md.
@@ -195,59 +195,34 @@ def file_stamp(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-class QemuInstance(Instance):
+class QemuInstance(RestoredInstance):
     """One restored microVM (one QEMU process) and the connection made during its restore."""
 
+    vmm_log = "qemu.log"
+
     def __init__(self, record, proc: subprocess.Popen, host_port: int, snapshot: Snapshot):
-        super().__init__(record)
-        self.proc = proc
+        super().__init__(record, proc)
         self.host_port = host_port
         self.snapshot = snapshot
         self.qmp: QMPClient | None = None
-        self._pending: socket.socket | None = None  # the stream opened during restore, for the first connect()
-        self.timings: dict[str, float] = {}
-        self.restored_info: dict = {}
 
     @property
     def socket_path(self) -> Path:
         return self.dir / "agent.sock"
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def connect(self, timeout: float) -> socket.socket:
-        """The agent stream. The first call returns the connection made during restore."""
-        if self._pending is not None:
-            sock, self._pending = self._pending, None
-            return sock
+    def reconnect(self, timeout: float) -> socket.socket:
         # QEMU's socket chardev serves one client at a time: a second concurrent one waits.
         return connect_unix(self.socket_path, timeout, self.alive)
 
-    def stop(self) -> None:
-        if self._pending is not None:
-            self._pending.close()
-            self._pending = None
+    def close_handles(self) -> None:
         if self.qmp is not None:
             self.qmp.close()
             self.qmp = None
-        super().stop()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
 
     def describe(self) -> dict:
         return {**super().describe(), "accel": self.snapshot.machine.accel, "snapshot": str(self.snapshot.dir),
                 "deephaven_port": f"127.0.0.1:{self.host_port}", "pid": self.proc.pid,
                 "restore_ms": self.timings.get("ready_ms")}
-
-    def log_tail(self, lines: int = 25) -> str:
-        tail = super().log_tail(lines)
-        try:
-            qlog = (self.dir / "qemu.log").read_text(errors="replace").strip()
-        except OSError:
-            qlog = ""
-        return f"{tail}\n--- qemu.log ---\n{qlog}" if qlog else tail
 
 
 class QemuBackend(Backend):
