@@ -45,7 +45,8 @@ from typing import Callable
 from . import protocol as P
 from .config import DH_VERSION, Layout
 from .instances import destroy, new_instance, reap_stale
-from .vm.qemu import (DEFAULT_HEAP, DEFAULT_RAM_MB, TCG_CPU, TCG_JVM_OPTS, Machine, Snapshot, file_stamp, free_port,
+from .vm.base import file_stamp
+from .vm.qemu import (DEFAULT_HEAP, DEFAULT_RAM_MB, TCG_CPU, TCG_JVM_OPTS, Machine, Snapshot, free_port,
                       qemu_binary, qemu_version)
 
 SUITE = "bookworm"

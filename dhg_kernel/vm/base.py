@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -181,3 +182,48 @@ def restored_handshake(sock: socket.socket, timeout: float, is_alive: Callable[[
         h = frame.header
         if h.get("re") == 0 and h.get("ev") == P.EV_DONE:
             return {k: v for k, v in h.items() if k not in ("ev", "re")}
+
+
+# -- snapshot metadata, shared by the restoring backends -------------------------------------------
+
+SNAPSHOT_METADATA = "metadata.json"
+
+
+def file_stamp(path: Path) -> list[int]:
+    """Size and mtime of a file a snapshot depends on (cheap to check at every restore)."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def write_snapshot_metadata(directory: Path, data: dict) -> None:
+    """Write metadata.json atomically and last: its presence marks a complete snapshot."""
+    tmp = directory / (SNAPSHOT_METADATA + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, directory / SNAPSHOT_METADATA)
+
+
+def read_snapshot_metadata(directory: Path, backend: str, fmt: int, label: str, hint: str) -> dict:
+    """metadata.json of a ``backend`` snapshot in format ``fmt``; BackendUnavailable with ``hint`` otherwise."""
+    path = directory / SNAPSHOT_METADATA
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BackendUnavailable(f"no {label} snapshot under {directory} — {hint}") from None
+    except ValueError as e:
+        raise BackendUnavailable(f"unreadable snapshot metadata {path} ({e}) — {hint} --rebuild") from None
+    if meta.get("format") != fmt or meta.get("backend") != backend:
+        raise BackendUnavailable(f"the snapshot under {directory} is not a format-{fmt} {label} snapshot "
+                                 f"— {hint} --rebuild")
+    return meta
+
+
+def check_snapshot_inputs(files: dict, vm_dir: Path, hint: str) -> None:
+    """The kernel and disk files a snapshot was taken with must be the very same files now."""
+    for rel, stamp in (files or {}).items():
+        p = vm_dir / rel
+        try:
+            now = file_stamp(p)
+        except FileNotFoundError:
+            raise BackendUnavailable(f"{p} (used by the snapshot) is missing — {hint}") from None
+        if now != stamp:
+            raise BackendUnavailable(f"{p} changed after the snapshot was taken — {hint}")

@@ -39,11 +39,13 @@ from typing import Callable
 from ..config import DH_VERSION, Layout
 from ..instances import InstanceRecord, new_instance
 from . import netns, vsock
-from .base import AgentStartError, Backend, BackendUnavailable, RestoredInstance, restored_handshake
+from .base import (SNAPSHOT_METADATA, AgentStartError, Backend, BackendUnavailable, RestoredInstance,
+                   check_snapshot_inputs, file_stamp, read_snapshot_metadata, restored_handshake,
+                   write_snapshot_metadata)
 from .fc_api import (FirecrackerAPI, FirecrackerAPIError, Spec, SpecError, Version, parse_version, spec_beside,
                      supports, version_str)
 from .fc_release import FirecrackerBinary, FirecrackerMissing, firecracker_home, from_path, obtain
-from .qemu import DEFAULT_HEAP, DEFAULT_RAM_MB, GUEST_DH_PORT, Machine as _QemuMachine, file_stamp
+from .qemu import DEFAULT_HEAP, DEFAULT_RAM_MB, GUEST_DH_PORT, Machine as _QemuMachine
 
 # The guest agent's AF_VSOCK port. guest/init passes it to the agent (from dhg.vsock_port on the
 # kernel command line, which the boot args below set); init's own fallback must equal it.
@@ -182,7 +184,7 @@ class FcSnapshot:
     disks: dict[str, Path]
     meta: dict = field(default_factory=dict, compare=False)
 
-    METADATA = "metadata.json"
+    METADATA = SNAPSHOT_METADATA
 
     @property
     def dir(self) -> Path:
@@ -199,23 +201,14 @@ class FcSnapshot:
     def save_to(self, directory: Path) -> "FcSnapshot":
         """Write metadata.json (atomically, last: its presence marks a complete snapshot)."""
         data = {**self.meta, "format": SNAPSHOT_FORMAT, "backend": "firecracker"}
-        tmp = directory / (self.METADATA + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-        os.replace(tmp, directory / self.METADATA)
+        write_snapshot_metadata(directory, data)
         return FcSnapshot(directory / VMSTATE_NAME, directory / MEM_NAME, self.disks, data)
 
     @classmethod
     def load_from(cls, directory: Path, vm_dir: Path) -> "FcSnapshot":
         """Read a snapshot; BackendUnavailable (saying to run prepare) if it is missing or stale."""
         hint = "run: dhvm prepare --backend firecracker"
-        try:
-            meta = json.loads((directory / cls.METADATA).read_text())
-        except FileNotFoundError:
-            raise BackendUnavailable(f"no Firecracker snapshot under {directory} — {hint}") from None
-        except ValueError as e:
-            raise BackendUnavailable(f"unreadable snapshot metadata under {directory} ({e}) — {hint} --rebuild") from None
-        if meta.get("format") != SNAPSHOT_FORMAT or meta.get("backend") != "firecracker":
-            raise BackendUnavailable(f"{directory} is not a format-{SNAPSHOT_FORMAT} Firecracker snapshot — {hint} --rebuild")
+        meta = read_snapshot_metadata(directory, "firecracker", SNAPSHOT_FORMAT, "Firecracker", hint)
         snap = cls(directory / VMSTATE_NAME, directory / MEM_NAME,
                    {ROOT_DRIVE_ID: vm_dir / meta["machine"]["rootfs"]}, meta)
         for p in (snap.vmstate, snap.mem):
@@ -225,14 +218,7 @@ class FcSnapshot:
 
     def check_inputs(self, vm_dir: Path) -> None:
         """The root disk must be the very file the snapshot was taken with."""
-        for rel, stamp in (self.meta.get("files") or {}).items():
-            p = vm_dir / rel
-            try:
-                st = p.stat()
-            except FileNotFoundError:
-                raise BackendUnavailable(f"{p} (used by the snapshot) is missing — run: dhvm prepare --backend firecracker") from None
-            if [st.st_size, st.st_mtime_ns] != stamp:
-                raise BackendUnavailable(f"{p} changed after the snapshot was taken — run: dhvm prepare --backend firecracker")
+        check_snapshot_inputs(self.meta.get("files"), vm_dir, "run: dhvm prepare --backend firecracker")
 
     def check_version(self, version: Version) -> None:
         """Only the Firecracker version that made a snapshot restores it."""

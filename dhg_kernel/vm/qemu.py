@@ -15,7 +15,6 @@ networking with ``restrict=on``: the guest cannot open outbound connections.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -28,7 +27,8 @@ from pathlib import Path
 from ..config import DH_VERSION, Layout
 from ..instances import new_instance
 from ..qmp import QMPClient
-from .base import AgentStartError, Backend, BackendUnavailable, RestoredInstance, connect_unix, restored_handshake
+from .base import (AgentStartError, Backend, BackendUnavailable, RestoredInstance, check_snapshot_inputs, connect_unix,
+                   read_snapshot_metadata, restored_handshake, write_snapshot_metadata, SNAPSHOT_METADATA)
 
 QEMU_BINARY = "qemu-system-x86_64"
 # The JVM dies under TCG with -cpu max (SIGILL) and multi-threaded TCG (SIGSEGV): see DESIGN.md.
@@ -137,7 +137,7 @@ class Snapshot:
     machine: Machine
     meta: dict = field(default_factory=dict)
 
-    METADATA = "metadata.json"
+    METADATA = SNAPSHOT_METADATA
 
     @property
     def mem(self) -> Path:
@@ -153,24 +153,12 @@ class Snapshot:
 
     def save(self) -> None:
         """Write metadata.json last (atomically): its presence marks a complete snapshot."""
-        data = {**self.meta, "format": SNAPSHOT_FORMAT, "machine": asdict(self.machine)}
-        tmp = self.metadata_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-        os.replace(tmp, self.metadata_path)
+        write_snapshot_metadata(self.dir, {**self.meta, "format": SNAPSHOT_FORMAT, "machine": asdict(self.machine)})
 
     @classmethod
     def load(cls, directory: Path) -> "Snapshot":
         """Read a snapshot; BackendUnavailable (saying to run prepare) if it is missing or stale."""
-        meta_path = directory / cls.METADATA
-        try:
-            meta = json.loads(meta_path.read_text())
-        except FileNotFoundError:
-            raise BackendUnavailable(f"no QEMU snapshot under {directory} — run: dhvm prepare") from None
-        except ValueError as e:
-            raise BackendUnavailable(f"unreadable snapshot metadata {meta_path} ({e}) — run: dhvm prepare --rebuild") from None
-        if meta.get("format") != SNAPSHOT_FORMAT or meta.get("backend") != "qemu":
-            raise BackendUnavailable(f"the snapshot under {directory} is not a format-{SNAPSHOT_FORMAT} QEMU snapshot "
-                                     "— run: dhvm prepare --rebuild")
+        meta = read_snapshot_metadata(directory, "qemu", SNAPSHOT_FORMAT, "QEMU", "run: dhvm prepare")
         snap = cls(directory, Machine(**meta["machine"]), meta)
         for p in (snap.mem, snap.state):
             if not p.is_file():
@@ -179,20 +167,7 @@ class Snapshot:
 
     def check_inputs(self, vm_dir: Path) -> None:
         """The kernel and the root disk must be the very files the snapshot was taken with."""
-        for rel, stamp in (self.meta.get("files") or {}).items():
-            p = vm_dir / rel
-            try:
-                st = p.stat()
-            except FileNotFoundError:
-                raise BackendUnavailable(f"{p} (used by the snapshot) is missing — run: dhvm prepare") from None
-            if [st.st_size, st.st_mtime_ns] != stamp:
-                raise BackendUnavailable(f"{p} changed after the snapshot was taken — run: dhvm prepare")
-
-
-def file_stamp(path: Path) -> list[int]:
-    """(size, mtime_ns): cheap identity of a file the snapshot depends on."""
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
+        check_snapshot_inputs(self.meta.get("files"), vm_dir, "run: dhvm prepare")
 
 
 class QemuInstance(RestoredInstance):
