@@ -273,7 +273,7 @@ class Agent:
             # A read of 0 bytes means the host side is not connected: reopen and wait for the next host.
             conn = P.FrameStream(P.FdChannel(os.open(device, os.O_RDWR)))
             self._read_loop(conn)
-            time.sleep(0.1)
+            time.sleep(0.02)
 
     def _accept_loop(self, listener: socket.socket) -> None:
         while True:
@@ -311,6 +311,8 @@ class Agent:
             cancelled = self._cancel_if_running(conn, header.get("target"))
             _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", "cancelled": cancelled})
         elif op == P.OP_RESTORED:
+            # A clone's life starts now: the snapshot's warm-up cells and uptime are not its own.
+            self.cells, self.started = 0, time.time()
             _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", **after_restore(header, payloads)})
         elif op == P.OP_STATS:
             _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", **self.stats()})

@@ -347,3 +347,12 @@ def test_clean_removes_a_versions_snapshot(tmp_path):
     p = subprocess.run([sys.executable, "-m", "dhg_kernel.cli", "clean", "--dh-version", "0.0-test",
                         "--config-dir", str(tmp_path)], capture_output=True, text=True)
     assert p.returncode == 0 and not snap.exists() and "removed" in p.stdout
+
+
+@pytest.mark.qemu
+def test_a_restored_vm_counts_only_its_own_cells(vm):
+    vm.execute("x = 1")
+    vm.execute("y = 2")
+    st = vm.stats()
+    assert st["cells"] == 2, "the snapshot's warm-up cells are not the clone's"
+    assert st["uptime_s"] < 60
