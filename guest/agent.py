@@ -311,9 +311,11 @@ class Agent:
             cancelled = self._cancel_if_running(conn, header.get("target"))
             _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", "cancelled": cancelled})
         elif op == P.OP_RESTORED:
-            # A clone's life starts now: the snapshot's warm-up cells and uptime are not its own.
+            info = after_restore(header, payloads)
+            # A clone's life starts now (read after the clock was set): the snapshot's warm-up cells
+            # and uptime are not its own.
             self.cells, self.started = 0, time.time()
-            _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", **after_restore(header, payloads)})
+            _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", **info})
         elif op == P.OP_STATS:
             _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", **self.stats()})
         elif op in (P.OP_EXEC, P.OP_TABLES, P.OP_FETCH, P.OP_COMPLETE, P.OP_INSPECT):
