@@ -1,8 +1,9 @@
-"""A session: one agent (VM or local process) reused across cells, and the requests sent to it.
+"""A session: the agents (VMs or local processes) a notebook's cells run on, and the requests sent to them.
 
-This and the guest agent are the only places that give protocol frames meaning. The session
-starts its instance lazily (on the first cell), pushes the files a cell names (skipping ones it
-already sent with the same content), streams output to callbacks, and turns the agent's events
+This and the guest agent are the only places that give protocol frames meaning. Per-session mode
+starts one instance lazily (on the first cell) and reuses it; per-cell mode takes a fresh one from
+a warm pool for every cell. The session pushes the files a cell names (skipping ones that agent
+already has with the same content), streams output to callbacks, and turns the agent's events
 into a ``CellResult``. A dead agent becomes an error in the cell; the next cell starts a new one.
 """
 
