@@ -40,7 +40,8 @@ def main() -> None:
     ap.add_argument("--table-rounds", type=int, default=7)
     args = ap.parse_args()
 
-    home = tempfile.mkdtemp(prefix="dhg-bench-")
+    tmp = tempfile.TemporaryDirectory(prefix="dhg-bench-")  # removed at exit, with the 50 MiB file
+    home = Path(tmp.name) / "home"
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"backend local")
     s = Session("local", home, heap="4g")
@@ -72,7 +73,8 @@ def main() -> None:
     print(f"   ratio dhvm / flight: {statistics.median(ours) / statistics.median(flight):.2f}x")
 
     print("\n3. 50 MiB file push (cell runs after the file is written in the agent's workdir)")
-    ws = Path(tempfile.mkdtemp(prefix="dhg-bench-ws-"))
+    ws = Path(tmp.name) / "ws"
+    ws.mkdir()
     blob = ws / "blob.csv"
     blob.write_bytes(os.urandom(50 * 1024 * 1024))
     pf = PushFile("blob.csv", blob, blob.stat().st_size)
@@ -88,6 +90,7 @@ def main() -> None:
     print(f"   same file again (deduplicated)    {fmt(again)}")
     pdh.close()
     s.stop()
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

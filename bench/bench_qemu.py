@@ -131,7 +131,8 @@ def main() -> None:
     if not args.skip_local:
         import tempfile
 
-        local_home = Path(tempfile.mkdtemp(prefix="dhg-bench-local-"))
+        local_tmp = tempfile.TemporaryDirectory(prefix="dhg-bench-local-")
+        local_home = Path(local_tmp.name)
         walls = []
         for _ in range(3):
             t0 = time.perf_counter()
@@ -143,6 +144,7 @@ def main() -> None:
         for pool in (0, 1):
             print(f"  local, warm pool {pool} ({args.local_think}s reading): "
                   f"{_stats(per_cell('local', local_home, pool, 3, args.local_think))}")
+        local_tmp.cleanup()
 
 
 if __name__ == "__main__":

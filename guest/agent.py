@@ -26,6 +26,7 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -154,7 +155,10 @@ class Deephaven:
         else:
             auth = ["-DAuthHandlers=io.deephaven.auth.AnonymousAuthenticationHandler"]
         # -Xrs: the JVM leaves SIGINT to Python, which is how a cancel interrupts a cell.
-        self.server = Server(host=self.host, port=self.port, jvm_args=[f"-Xmx{self.heap}", "-Xrs", *auth])
+        # Java's temp files (Jetty's work dir, extracted native libraries) go where Python's go: the
+        # instance's own directory for a local agent, so they vanish with it; no hsperfdata files.
+        jvm = [f"-Xmx{self.heap}", "-Xrs", f"-Djava.io.tmpdir={tempfile.gettempdir()}", "-XX:-UsePerfData"]
+        self.server = Server(host=self.host, port=self.port, jvm_args=[*jvm, *auth])
         self.server.start()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
@@ -345,7 +349,8 @@ class Agent:
         return {"version": P.PROTOCOL_VERSION, "agent_version": AGENT_VERSION,
                 "deephaven_version": self.dh.version, "python": sys.version.split()[0],
                 "server": {"host": self.dh.host, "port": self.dh.port, "auth": "psk" if self.dh.psk else "anonymous"},
-                "workdir": str(self.workdir), "pid": os.getpid(), "startup_ms": round(self.dh.started_ms, 1)}
+                "workdir": str(self.workdir), "tmpdir": tempfile.gettempdir(), "pid": os.getpid(),
+                "startup_ms": round(self.dh.started_ms, 1)}
 
     def stats(self) -> dict:
         usage = resource.getrusage(resource.RUSAGE_SELF)

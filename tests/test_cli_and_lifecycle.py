@@ -179,3 +179,21 @@ def test_interrupting_a_dhvm_cell_in_a_plain_ipython_kernel(tmp_path):
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
+
+
+def test_the_local_agents_temp_files_live_in_its_instance_dir(tmp_path):
+    from dhg_kernel.session import Session
+
+    s = Session("local", tmp_path, heap="512m")
+    try:
+        info = s.start()
+        inst_dir = s.instance.dir
+        assert Path(info["tmpdir"]).parent == inst_dir
+        port = info["server"]["port"]
+        assert list(Path(info["tmpdir"]).glob(f"jetty-*{port}*")), "Jetty's work dir is in the instance's tmp"
+        import tempfile
+
+        assert not list(Path(tempfile.gettempdir()).glob(f"jetty-*-{port}-*")), "nothing in the shared /tmp"
+    finally:
+        s.stop()
+    assert not inst_dir.exists()

@@ -79,6 +79,9 @@ class LocalBackend(Backend):
                "--workdir", os.path.join(rec.dir, "work"), "--heap", self.heap,
                "--owner-pid", str(os.getpid())]
         env = dict(os.environ)
+        # The agent's (and its JVM's) temp files live in the instance dir and go with it.
+        env["TMPDIR"] = os.path.join(rec.dir, "tmp")
+        os.makedirs(env["TMPDIR"], mode=0o700)
         if self.psk:
             env["DHG_PSK"] = self.psk
         # The agent imports dhg_kernel.protocol: make this very copy importable, whatever the Python.
