@@ -217,6 +217,13 @@ def read_snapshot_metadata(directory: Path, backend: str, fmt: int, label: str, 
     return meta
 
 
+def require_snapshot_files(paths, hint: str) -> None:
+    """Every file of a snapshot must be there (metadata.json alone does not make one)."""
+    for p in paths:
+        if not p.is_file():
+            raise BackendUnavailable(f"snapshot file {p} is missing — {hint}")
+
+
 def check_snapshot_inputs(files: dict, vm_dir: Path, hint: str) -> None:
     """The kernel and disk files a snapshot was taken with must be the very same files now."""
     for rel, stamp in (files or {}).items():

@@ -40,8 +40,8 @@ from ..config import DH_VERSION, Layout
 from ..instances import InstanceRecord, new_instance
 from . import netns, vsock
 from .base import (SNAPSHOT_METADATA, AgentStartError, Backend, BackendUnavailable, RestoredInstance,
-                   check_snapshot_inputs, file_stamp, read_snapshot_metadata, restored_handshake,
-                   write_snapshot_metadata)
+                   check_snapshot_inputs, file_stamp, read_snapshot_metadata, require_snapshot_files,
+                   restored_handshake, write_snapshot_metadata)
 from .fc_api import (FirecrackerAPI, FirecrackerAPIError, Spec, SpecError, Version, parse_version, spec_beside,
                      supports, version_str)
 from .fc_release import FirecrackerBinary, FirecrackerMissing, firecracker_home, from_path, obtain
@@ -211,9 +211,7 @@ class FcSnapshot:
         meta = read_snapshot_metadata(directory, "firecracker", SNAPSHOT_FORMAT, "Firecracker", hint)
         snap = cls(directory / VMSTATE_NAME, directory / MEM_NAME,
                    {ROOT_DRIVE_ID: vm_dir / meta["machine"]["rootfs"]}, meta)
-        for p in (snap.vmstate, snap.mem):
-            if not p.is_file():
-                raise BackendUnavailable(f"snapshot file {p} is missing — {hint}")
+        require_snapshot_files((snap.vmstate, snap.mem), hint)
         return snap
 
     def check_inputs(self, vm_dir: Path) -> None:

@@ -28,7 +28,7 @@ from ..config import DH_VERSION, Layout
 from ..instances import new_instance
 from ..qmp import QMPClient
 from .base import (AgentStartError, Backend, BackendUnavailable, RestoredInstance, check_snapshot_inputs, connect_unix,
-                   read_snapshot_metadata, restored_handshake, write_snapshot_metadata, SNAPSHOT_METADATA)
+                   read_snapshot_metadata, require_snapshot_files, restored_handshake, write_snapshot_metadata, SNAPSHOT_METADATA)
 
 QEMU_BINARY = "qemu-system-x86_64"
 # The JVM dies under TCG with -cpu max (SIGILL) and multi-threaded TCG (SIGSEGV): see DESIGN.md.
@@ -160,9 +160,7 @@ class Snapshot:
         """Read a snapshot; BackendUnavailable (saying to run prepare) if it is missing or stale."""
         meta = read_snapshot_metadata(directory, "qemu", SNAPSHOT_FORMAT, "QEMU", "run: dhvm prepare")
         snap = cls(directory, Machine(**meta["machine"]), meta)
-        for p in (snap.mem, snap.state):
-            if not p.is_file():
-                raise BackendUnavailable(f"snapshot file {p} is missing — run: dhvm prepare")
+        require_snapshot_files((snap.mem, snap.state), "run: dhvm prepare")
         return snap
 
     def check_inputs(self, vm_dir: Path) -> None:
