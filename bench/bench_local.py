@@ -51,7 +51,7 @@ def main() -> None:
 
     import pydeephaven
 
-    pdh = pydeephaven.Session(host="127.0.0.1", port=info["server"]["port"])
+    pdh = s.pydeephaven_session()  # logged in with the instance's key
 
     print("\n1. trivial cell round trip")
     s.execute("x = 1")

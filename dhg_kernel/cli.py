@@ -10,7 +10,8 @@ from pathlib import Path
 from . import files as files_mod
 from .config import DEFAULT_MAX_PUSH_MB, DEFAULT_MAX_ROWS, DH_VERSION, Layout, default_backend
 from .display import format_mapping, format_text
-from .session import DhvmError, Session
+from .errors import DhvmError
+from .session import Session
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -18,6 +18,10 @@ DATA_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow", ".tx
 AGENT_START_TIMEOUT_S = 180.0
 # How long a cancelled cell may take to stop before its VM is declared stuck and replaced.
 CANCEL_GRACE_S = 2.0
+# How long a completion or inspection may take before its answer is dropped (the VM is kept).
+QUESTION_DEADLINE_S = 3.0
+# How often a VM gets the host's wall clock while a session lives (its own clock drifts under emulation).
+CLOCK_NOTICE_S = 1.0
 
 
 def default_backend() -> str:
@@ -58,6 +62,11 @@ class Layout:
     def run(self) -> Path:
         """Per-instance directories: ``run/<instance>/`` with instance.json, sockets, logs."""
         return self.vm / "run"
+
+    @property
+    def cache(self) -> Path:
+        """Things built on the host and reused across instances (the agent's compiled Java classes)."""
+        return self.home / "cache"
 
     def snapshots(self, dh_version: str = DH_VERSION) -> Path:
         return self.vm / "snapshots" / dh_version

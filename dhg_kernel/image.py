@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import guest_java
 from . import protocol as P
 from .config import DH_VERSION, Layout
 from .instances import destroy, new_instance, reap_stale
@@ -389,6 +390,7 @@ class _Prepare:
     def guest(self) -> None:
         sources = guest_sources()
         sums = {name: sha256_file(p) for name, p in sources.items()}
+        sums.update({f"java/{p.name}": sha256_file(p) for p in guest_java.source_files()})
         self.inputs["guest"] = sums
         key = _key("guest", self.keys["venv"], sums)
         dest = self.art.base / "opt/dhg"
@@ -398,11 +400,20 @@ class _Prepare:
             for name, src in sources.items():
                 shutil.copyfile(src, dest / name)
                 os.chmod(dest / name, 0o755 if name == "init" else 0o644)
+            # The agent's Java classes, compiled on the host against the image's own Deephaven jars.
+            jars = next((self.art.base / "opt/dhg/venv/lib").glob("python3*/site-packages/deephaven_server/jars"), None)
+            if jars is None:
+                raise PrepareError("guest", "deephaven_server's jars are missing from the image's venv", self.log_path,
+                                   "run: dhvm prepare --rebuild")
+            try:
+                guest_java.compile_classes(jars, dest / "classes")
+            except guest_java.JavaBuildError as e:
+                raise PrepareError("guest", str(e), self.log_path, "install a JDK/JRE 17, then run: dhvm prepare") from None
             # Created here because the root is read-only in the VM (init overlays it onto /).
             for d in ("work", "run/ovl"):
                 (self.art.base / d).mkdir(parents=True, exist_ok=True)
 
-        self.phase("guest", key, tuple(dest / n for n in sources), build)
+        self.phase("guest", key, (*(dest / n for n in sources), dest / "classes/dhg/TokenAuthHandler.class"), build)
 
     # -- 5. kernel ---------------------------------------------------------------------------------
 

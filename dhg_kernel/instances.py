@@ -103,6 +103,10 @@ def new_instance(layout: Layout, backend: str) -> InstanceRecord:
     d.mkdir(mode=0o700)
     rec = InstanceRecord(iid, backend, str(d), os.getpid(), proc_start_time(os.getpid()))
     rec.save()
+    # Whatever kills this process, its instances go within moments (see watchdog.py).
+    from .watchdog import ensure_watchdog
+
+    ensure_watchdog(layout)
     return rec
 
 

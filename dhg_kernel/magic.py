@@ -19,7 +19,8 @@ from .config import (DATA_EXTENSIONS, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_PUSH_MB
                      DEFAULT_TIMEOUT_S, default_backend, default_mode)
 from .display import format_mapping, show_in_ipython
 from .result import CellResult, RemoteValue
-from .session import DhvmError, Session
+from .errors import DhvmError
+from .session import Session
 from .tables import DTYPE_BACKENDS
 
 LINE_COMMANDS = ("status", "tables", "stats", "fetch", "reset", "stop")
@@ -208,6 +209,9 @@ def _writer(stream):
 
 def load(ipython) -> Dhvm:
     """Register the magics with ``ipython`` and make ``%config Dhvm.…`` reach them."""
+    from .session import install_exit_hooks
+
+    install_exit_hooks()  # here, on the main thread: a kernel's session may be made in a background thread
     magics = Dhvm(shell=ipython)
     ipython.register_magics(magics)
     if magics not in ipython.configurables:

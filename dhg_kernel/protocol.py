@@ -47,6 +47,8 @@ OP_STATS = "stats"
 OP_COMPLETE = "complete"
 OP_INSPECT = "inspect"
 OP_RESTORED = "restored"
+# A notice with no reply: the host's wall clock (``now_ns``), so a VM's clock cannot drift away.
+OP_CLOCK = "clock"
 
 # Events (agent -> host), field "ev". Every event answering a request carries "re": request id.
 EV_HELLO = "hello"
@@ -56,6 +58,9 @@ EV_TABLE = "table"
 EV_ERROR = "error"
 EV_DONE = "done"
 EV_RESULT = "result"
+# Unsolicited, from the VM's init: the agent process died (``reason``, ``status``, ``oom``); the
+# VM's agent stream is dead, whatever request was waiting on it.
+EV_AGENT_EXIT = "agent_exit"
 
 
 class ProtocolError(Exception):

@@ -12,9 +12,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
-import queue
 import signal
-import socket
 import threading
 import time
 import weakref
@@ -22,115 +20,44 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from . import protocol as P
-from .config import CANCEL_GRACE_S, DEFAULT_BACKEND, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_ROWS, Layout
+from .client import AgentClient
+from .config import DEFAULT_BACKEND, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_ROWS, QUESTION_DEADLINE_S, Layout
+from .errors import AgentDied, AgentUnresponsive, AnswerAbandoned, DhvmError
 from .files import PushFile
 from .instances import reap_stale
 from .pool import WarmPool
 from .result import CellResult, ExecutionError, TableResult
 from .tables import read_ipc
 from .vm import Backend, Instance, choose_backend, get_backend
+from .vm.base import RestoredInstance
 
-
-class DhvmError(Exception):
-    """A problem the user can act on; the message says what happened and the command that fixes it."""
-
-
-class AgentDied(DhvmError):
-    """The agent (or its VM) went away in the middle of a request."""
-
-
-class AgentUnresponsive(DhvmError):
-    """The agent did not stop a cancelled cell in time; its instance was replaced."""
+__all__ = ["Session", "DhvmError", "AgentDied", "AgentUnresponsive", "AnswerAbandoned", "launch", "Live"]
 
 
 _Stream = Callable[[str], None]
+# The auth type Deephaven's clients send for a pre-shared key (the agent's handler answers to it).
+PSK_AUTH_TYPE = "io.deephaven.authentication.psk.PskAuthenticationHandler"
 
 
-class AgentClient:
-    """Requests and events over one connection to an agent; a reader thread queues incoming frames
-    so that waiting for them can be interrupted (Ctrl-C, a deadline) without tearing a frame."""
-
-    def __init__(self, sock: socket.socket):
-        self.stream = P.FrameStream(sock)
-        self._next_id = 0
-        self._lock = threading.Lock()
-        self._frames: queue.Queue = queue.Queue()
-        self._reader = threading.Thread(target=self._read_loop, name="dhg-client-reader", daemon=True)
-        self._reader.start()
-
-    def _read_loop(self) -> None:
-        while True:
-            try:
-                self._frames.put(self.stream.recv())
-            except (P.ConnectionClosed, P.ProtocolError, OSError) as e:
-                self._frames.put(e)
-                return
-
-    def close(self) -> None:
-        self.stream.close()
-
-    def new_id(self) -> int:
-        with self._lock:
-            self._next_id += 1
-            return self._next_id
-
-    def request(self, header: dict, payloads: Sequence = (), on_frame: Callable[[P.Frame], None] | None = None,
-                timeout: float | None = None) -> dict:
-        """Send a request and handle its events until its ``done``; returns the done header.
-
-        A deadline or a KeyboardInterrupt sends a cancel and waits ``CANCEL_GRACE_S`` for the
-        agent to finish the request; past that (or on a second interrupt) AgentUnresponsive.
-        """
-        rid = self.new_id()
-        self.stream.send({**header, "id": rid}, payloads)
-        deadline = time.monotonic() + timeout if timeout else None
-        cancel_deadline: float | None = None
-        interrupted: BaseException | None = None
-        while True:
-            limit = cancel_deadline if cancel_deadline is not None else deadline
-            wait = None if limit is None else max(0.0, limit - time.monotonic())
-            try:
-                item = self._frames.get(timeout=wait)
-            except queue.Empty:
-                if cancel_deadline is None:
-                    cancel_deadline = self._cancel(rid)
-                    continue
-                raise AgentUnresponsive(
-                    f"the cell did not stop within {CANCEL_GRACE_S:g}s of being cancelled") from None
-            except KeyboardInterrupt as e:
-                if cancel_deadline is not None:
-                    raise AgentUnresponsive("interrupted twice; the cell did not stop") from None
-                interrupted = e
-                cancel_deadline = self._cancel(rid)
-                continue
-            if isinstance(item, Exception):
-                self._frames.put(item)  # later requests see the same end of stream
-                raise AgentDied(f"connection to the agent lost: {item}")
-            ev = item.header
-            if ev.get("ev") == P.EV_ERROR and ev.get("re") is None:
-                raise DhvmError(f"the agent rejected a frame: {ev.get('name')}: {ev.get('value')}")
-            if ev.get("re") != rid:
-                continue  # a straggler from an earlier, abandoned request
-            if on_frame:
-                on_frame(item)
-            if ev.get("ev") == P.EV_DONE:
-                if interrupted is not None and ev.get("status") == "cancelled":
-                    ev["interrupted"] = True
-                return ev
-
-    def _cancel(self, rid: int) -> float:
-        try:
-            self.stream.send({"op": P.OP_CANCEL, "id": self.new_id(), "target": rid})
-        except OSError:
-            pass
-        return time.monotonic() + CANCEL_GRACE_S
+# A file whose status changed this close to when it was read may change again within the same clock
+# tick without its ctime moving: its status is not trusted, its content is compared (racy-git rule).
+RACY_WINDOW_NS = 2_000_000_000
 
 
 @dataclass
 class _Pushed:
-    size: int
-    mtime_ns: int
+    """What an agent has of a workspace file: its content hash, and the file status seen then."""
+
+    stat_key: tuple
+    """(size, mtime, ctime, inode, device): ctime moves on every write and cannot be set back by a user,
+    unlike mtime (os.utime), so a same-size rewrite with the old mtime is still seen."""
     sha256: str
+    trusted: bool
+    """False when the file changed just before it was read: then the next cell compares content."""
+
+
+def _stat_key(st: os.stat_result) -> tuple:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
 @dataclass
@@ -157,7 +84,8 @@ def launch(backend: Backend) -> Live:
     t0 = time.perf_counter()
     instance = backend.start()
     try:
-        client = AgentClient(instance.connect(timeout=30))
+        # A VM's clock drifts under emulation: it hears the host's every second while the session lives.
+        client = AgentClient(instance.connect(timeout=30), clock_notices=isinstance(instance, RestoredInstance))
         done = client.request({"op": P.OP_HELLO, "version": P.PROTOCOL_VERSION}, timeout=30)
         if done.get("version") != P.PROTOCOL_VERSION:
             raise DhvmError(f"the agent speaks protocol {done.get('version')}, this host {P.PROTOCOL_VERSION}; "
@@ -193,9 +121,11 @@ class Session:
         """With backend ``auto``: the backends not chosen, and why."""
         self.notice: str | None = None
         """A one-time warning for the user (e.g. auto fell back to the unisolated local backend)."""
+        self._announcements: list[str] = []
+        """VM replacements the user has not been told about yet: said in the next cell that runs."""
         self._lock = threading.RLock()
         _live_sessions.add(self)
-        _install_exit_hooks()
+        install_exit_hooks()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -301,27 +231,52 @@ class Session:
     def _files_to_send(live: Live, files: Sequence[PushFile]) -> tuple[list[dict], list[bytes], dict[str, _Pushed]]:
         metas, datas, record = [], [], {}
         for f in files:
-            st = f.path.stat()
             prev = live.pushed.get(f.rel)
-            if prev and (prev.size, prev.mtime_ns) == (st.st_size, st.st_mtime_ns):
-                continue
-            data = f.path.read_bytes()
+            if prev and prev.trusted and prev.stat_key == _stat_key(f.path.stat()):
+                continue  # unchanged: same status, and it had not just changed when it was read
+            read_at = time.time_ns()
+            with open(f.path, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                data = fh.read()
             digest = hashlib.sha256(data).hexdigest()
+            pushed = _Pushed(_stat_key(st), digest, trusted=st.st_ctime_ns < read_at - RACY_WINDOW_NS)
+            record[f.rel] = pushed
             if prev and prev.sha256 == digest:
-                record[f.rel] = _Pushed(st.st_size, st.st_mtime_ns, digest)
                 continue
             metas.append({"path": f.rel, "size": len(data)})
             datas.append(data)
-            record[f.rel] = _Pushed(len(data), st.st_mtime_ns, digest)
         return metas, datas, record
 
-    def _lost(self, live: Live) -> str:
-        """Tear down a dead or stuck instance; returns its log tail for the error message."""
+    def _lost(self, live: Live, announce: str | None = None) -> str:
+        """Tear down a dead or stuck instance; returns its log tail for the error message.
+
+        ``announce``: what to tell the user in the next cell (when no cell's error says it already).
+        """
         tail = live.instance.log_tail()
         live.close()
         if live is self.live:
             self.live = None
+            if announce:
+                self._announcements.append(announce)
         return tail
+
+    def take_announcements(self) -> list[str]:
+        """The replacements not yet told (and forget them): for ``dhvm exec`` and the magic."""
+        with self._lock:
+            out, self._announcements = self._announcements, []
+        return out
+
+    def _session_live(self) -> Live:
+        """The session's instance for the next cell; one whose agent died while idle is replaced first."""
+        self.start()
+        assert self.live is not None
+        if self.live.client.dead is not None:
+            why = self.live.client.dead
+            self._lost(self.live, f"the session's VM was lost since the last cell ({why}); "
+                                  f"this cell runs in a fresh VM, and variables and tables of earlier cells are gone")
+            self.start()
+        assert self.live is not None
+        return self.live
 
     def execute(self, code: str, files: Sequence[PushFile] = (), *, max_rows: int | None = DEFAULT_MAX_ROWS,
                 timeout: float | None = None, dtype_backend: str = DEFAULT_DTYPE_BACKEND,
@@ -335,15 +290,15 @@ class Session:
         mode = mode or self.mode
         with self._lock:
             t0 = time.perf_counter()
-            if mode == "per-cell":
-                live = self.pool.take()
-            else:
-                self.start()
-                live = self.live
-            assert live is not None
+            live = self.pool.take() if mode == "per-cell" else self._session_live()
             start_ms = (time.perf_counter() - t0) * 1000
+            told = [f"dhvm: {note}\n" for note in self.take_announcements()]
+            for line in told:
+                if on_stderr:
+                    on_stderr(line)
             try:
                 result = self._run_cell(live, code, files, max_rows, timeout, dtype_backend, on_stdout, on_stderr)
+                result.stderr = "".join(told) + result.stderr
                 if result.error is None:
                     self._fetch_full(live, result, full_tables, dtype_backend)
             finally:
@@ -395,9 +350,7 @@ class Session:
         except AgentDied as e:
             tail = self._lost(live)
             result.status = "error"
-            result.error = ExecutionError("AgentDied", f"the Deephaven {self.backend_name} instance died during "
-                                          f"the cell ({e}). The next cell starts a fresh server; "
-                                          f"variables and tables are lost.", [tail])
+            result.error = ExecutionError("AgentDied", _death_message(e, self.backend_name), [tail])
         else:
             if "exec_ms" in done.get("timings", {}):
                 live.pushed.update(record)  # the files were written (even if the cell then failed)
@@ -421,7 +374,8 @@ class Session:
 
     # -- other requests ----------------------------------------------------------------------------
 
-    def _request(self, live: Live, header: dict, on_frame=None, timeout: float | None = 60) -> dict:
+    def _request(self, live: Live, header: dict, on_frame=None, timeout: float | None = 60,
+                 abandon: bool = False) -> dict:
         errors: list[dict] = []
 
         def collect(frame: P.Frame) -> None:
@@ -431,10 +385,12 @@ class Session:
                 on_frame(frame)
 
         try:
-            done = live.client.request(header, (), collect, timeout=timeout)
+            done = live.client.request(header, (), collect, timeout=timeout, abandon=abandon)
         except (AgentDied, AgentUnresponsive) as e:
-            tail = self._lost(live)
-            raise AgentDied(f"{e}\n{tail}") from None
+            what = header.get("op")
+            tail = self._lost(live, f"the session's VM was replaced after it failed during a '{what}' request "
+                                    f"({_first_line(e)}); variables and tables of earlier cells are gone")
+            raise AgentDied(f"{e}\n{tail}", getattr(e, "death", None)) from None
         if errors:
             raise DhvmError(f"{errors[0].get('name')}: {errors[0].get('value')}")
         return done
@@ -477,11 +433,17 @@ class Session:
             return self._fetch(self.live, name, max_rows, dtype_backend)
 
     def _ask(self, header: dict, empty: dict) -> dict:
-        """A read-only question (completion, inspection): per-cell mode asks a warm VM of the pool."""
-        if self.mode != "per-cell":
-            return self._simple(header, timeout=10)
-        live = self.pool.peek()
-        return self._request(live, header, timeout=10) if live is not None else empty
+        """A read-only question (completion, inspection). It never starts, stops or replaces a VM and
+        never waits for a cell: no server yet (or a busy one past QUESTION_DEADLINE_S) gives ``empty``,
+        and the late answer is dropped. Per-cell mode asks a warm VM of the pool."""
+        live = self.pool.peek() if self.mode == "per-cell" else self.live
+        if live is None or live.client.dead is not None:
+            return empty
+        try:
+            return self._request(live, {**header, "deadline_s": QUESTION_DEADLINE_S}, timeout=QUESTION_DEADLINE_S,
+                                 abandon=True)
+        except AnswerAbandoned:
+            return empty
 
     def complete(self, code: str, cursor_pos: int) -> dict:
         """Completions answered by the agent from the live namespace: matches, cursor_start, cursor_end."""
@@ -496,6 +458,34 @@ class Session:
     def stats(self) -> dict:
         """Agent statistics (cells run, memory, uptime)."""
         return {k: v for k, v in self._simple({"op": P.OP_STATS}).items() if k not in ("ev", "re", "status")}
+
+    def deephaven_address(self) -> tuple[str, int] | None:
+        """Where the host reaches the session's Deephaven server (127.0.0.1 and a port), if running."""
+        if self.live is None:
+            return None
+        port = self.live.instance.record.info.get("deephaven_port")  # a VM's forwarded port
+        if port is None:
+            port = (self.info.get("server") or {}).get("port")  # a local agent's own
+        return ("127.0.0.1", int(port)) if port else None
+
+    def deephaven_url(self) -> str | None:
+        """The web IDE of the session's server, logged in with this instance's key (give it to no one)."""
+        addr = self.deephaven_address()
+        if addr is None:
+            return None
+        key = self.live.instance.key if self.live else None
+        return f"http://{addr[0]}:{addr[1]}/ide/" + (f"?psk={key}" if key else "")
+
+    def pydeephaven_session(self, **kwargs):
+        """A pydeephaven Session on the session's server, logged in with this instance's key."""
+        from pydeephaven import Session as DhSession
+
+        with self._lock:
+            self.start()
+            host, port = self.deephaven_address() or ("127.0.0.1", 0)
+            assert self.live is not None
+            return DhSession(host=host, port=port, auth_type=PSK_AUTH_TYPE, auth_token=self.live.instance.key or "",
+                             **kwargs)
 
     def status(self) -> dict:
         """What ``%dhvm status`` shows: backend, instance, server, without starting anything."""
@@ -512,9 +502,27 @@ class Session:
         if self.instance is not None:
             out["instance"] = self.instance.describe()
             out["server"] = self.info.get("server")
+            out["web_ide"] = self.deephaven_url()
             out["deephaven_version"] = self.info.get("deephaven_version")
             out["files_pushed"] = len(self.pushed)
         return out
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def _death_message(e: AgentDied, backend: str) -> str:
+    """What a cell says when its server died under it: why (from the VM's init when it could tell), what
+    is lost, and what to do."""
+    death = e.death or {}
+    what = death.get("reason") or f"the Deephaven {backend} instance died during the cell ({_first_line(e)})"
+    msg = f"{what}. The next cell starts a fresh server; variables and tables are lost."
+    if death.get("oom"):
+        ram_mb = max(4096, int(death["oom"].get("mem_total_kb", 0) / 1024 * 2) // 512 * 512)
+        msg += (f" Use less memory in the cell, or give the VM more: dhvm prepare --ram-mb {ram_mb} --heap "
+                f"{ram_mb * 6 // 10}m --rebuild")
+    return msg
 
 
 def _table_result(header: dict, payload, dtype_backend: str) -> TableResult:
@@ -532,16 +540,21 @@ def stop_all_sessions() -> None:
             pass
 
 
-_hooks_installed = False
+_hooks_installed: str | bool = False
 
 
-def _install_exit_hooks() -> None:
+def install_exit_hooks() -> None:
+    """Stop every session at exit and on SIGTERM. Call it from the main thread (the magic's ``load``
+    does), since only that thread may set a signal handler; from another thread only the exit hook
+    is set. (Whatever else happens, the watchdog destroys a dead process's instances.)"""
     global _hooks_installed
-    if _hooks_installed:
+    on_main = threading.current_thread() is threading.main_thread()
+    if _hooks_installed and (_hooks_installed == "signal" or not on_main):
         return
-    _hooks_installed = True
-    atexit.register(stop_all_sessions)
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    if not _hooks_installed:
+        atexit.register(stop_all_sessions)
+    _hooks_installed = "signal" if on_main else "atexit"
+    if on_main and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         def on_term(signum, frame):
             stop_all_sessions()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

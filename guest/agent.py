@@ -38,8 +38,16 @@ try:
 except ImportError:  # inside the VM image protocol.py sits beside this file
     import protocol as P  # type: ignore[no-redef]
 
-AGENT_VERSION = "0.1.0"
+AGENT_VERSION = "0.2.0"
 _ARROW_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+# Must match dhg_kernel.guest_java (a test checks): the agent runs where dhg_kernel may be absent.
+AUTH_HANDLER = "dhg.TokenAuthHandler"
+PSK_TYPE = "io.deephaven.authentication.psk.PskAuthenticationHandler"
+JVM_OPENS = ("java.base/java.lang", "java.base/java.util", "java.base/java.util.concurrent")
+# A VM's clock is stepped to the host's when it is further off than this (see Clock).
+CLOCK_TOLERANCE_NS = 10_000_000
+# Threads answering completions and inspections (more only while earlier ones are stuck).
+MAX_QUESTION_THREADS = 4
 
 
 def _log(msg: str) -> None:
@@ -137,11 +145,11 @@ class EventStream:
 class Deephaven:
     """The embedded Deephaven server and conversions of its tables."""
 
-    def __init__(self, host: str, port: int, heap: str, psk: str | None):
+    def __init__(self, host: str, port: int, heap: str, classes: Path):
         self.host = host
         self.port = port or _free_port(host)
         self.heap = heap
-        self.psk = psk
+        self.classes = classes
         self.version = "?"
         self.started_ms = 0.0
 
@@ -149,17 +157,27 @@ class Deephaven:
         t0 = time.perf_counter()
         from deephaven_server import Server
 
-        if self.psk:
-            auth = ["-DAuthHandlers=io.deephaven.authentication.psk.PskAuthenticationHandler",
-                    f"-Dauthentication.psk={self.psk}"]
-        else:
-            auth = ["-DAuthHandlers=io.deephaven.auth.AnonymousAuthenticationHandler"]
+        if not (self.classes / "dhg" / "TokenAuthHandler.class").is_file():
+            # Fail closed: without our handler the server would have to run without a login.
+            raise SystemExit(f"dhg agent: {self.classes}/dhg/TokenAuthHandler.class is missing; refusing to "
+                             "start a Deephaven server without authentication")
+        # Logins need the instance's own key, which the host sets after start (local) or after each
+        # restore (VMs): until then every login is refused, and the snapshot holds no key.
+        auth = [f"-DAuthHandlers={AUTH_HANDLER}"]
         # -Xrs: the JVM leaves SIGINT to Python, which is how a cancel interrupts a cell.
         # Java's temp files (Jetty's work dir, extracted native libraries) go where Python's go: the
         # instance's own directory for a local agent, so they vanish with it; no hsperfdata files.
-        jvm = [f"-Xmx{self.heap}", "-Xrs", f"-Djava.io.tmpdir={tempfile.gettempdir()}", "-XX:-UsePerfData"]
-        self.server = Server(host=self.host, port=self.port, jvm_args=[*jvm, *auth])
+        jvm = [f"-Xmx{self.heap}", "-Xrs", f"-Djava.io.tmpdir={tempfile.gettempdir()}", "-XX:-UsePerfData",
+               *(f"--add-opens={m}=ALL-UNNAMED" for m in JVM_OPENS)]
+        self.server = Server(host=self.host, port=self.port, jvm_args=[*jvm, *auth],
+                             extra_classpath=[str(self.classes)])
         self.server.start()
+        import jpy
+
+        # Deephaven's web UI offers the login its server names: name the PSK type our handler answers to,
+        # so /ide/?psk=KEY logs in.
+        jpy.get_type("io.deephaven.configuration.Configuration").getInstance().setProperty("AuthHandlers", PSK_TYPE)
+        self._auth = jpy.get_type(AUTH_HANDLER)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             from importlib.metadata import version
@@ -168,6 +186,14 @@ class Deephaven:
         except Exception:
             pass
         self.started_ms = (time.perf_counter() - t0) * 1000
+
+    def set_key(self, key: str | None) -> None:
+        """The key logins must present from now on (None: refuse all)."""
+        self._auth.setKey(key or None)
+
+    @property
+    def has_key(self) -> bool:
+        return bool(self._auth.hasKey())
 
     def warm_up(self) -> None:
         """Run a small query so the common code paths are loaded before the first cell (and snapshot)."""
@@ -243,11 +269,19 @@ def _free_port(host: str) -> int:
 class Agent:
     """Executes requests from connected hosts against one Deephaven script scope."""
 
-    def __init__(self, workdir: Path, dh: Deephaven, namespace: dict):
+    def __init__(self, workdir: Path, dh: Deephaven, namespace: dict, clock: "Clock | None" = None):
         self.workdir = workdir
         self.dh = dh
         self.ns = namespace
+        self.clock = clock or Clock(enabled=False)
         self.jobs: queue.Queue = queue.Queue()
+        # Completion and inspection run on threads of their own: a slow answer never holds up a cell,
+        # a cell never holds up an answer, and one stuck answer (a property that blocks) does not hold
+        # up the next question: another thread takes it (up to MAX_QUESTION_THREADS).
+        self.questions: queue.Queue = queue.Queue()
+        self._question_lock = threading.Lock()
+        self._question_threads = 0
+        self._idle_question_threads = 0
         self.main_thread = threading.main_thread().ident
         self.running: tuple[object, int] | None = None  # (connection, request id) of the running exec
         self.running_lock = threading.Lock()
@@ -304,6 +338,10 @@ class Agent:
 
     def _dispatch(self, conn: P.FrameStream, header: dict, payloads: list) -> None:
         op, re = header.get("op"), header.get("id")
+        if header.get("now_ns") is not None:
+            self.clock.observe(header["now_ns"])
+        if op == P.OP_CLOCK:
+            return  # a notice: no reply
         if op == P.OP_HELLO:
             version = header.get("version")
             if version != P.PROTOCOL_VERSION:
@@ -315,14 +353,20 @@ class Agent:
             cancelled = self._cancel_if_running(conn, header.get("target"))
             _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", "cancelled": cancelled})
         elif op == P.OP_RESTORED:
-            info = after_restore(header, payloads)
+            info = after_restore(header, payloads, self.dh, self.clock)
             # A clone's life starts now (read after the clock was set): the snapshot's warm-up cells
             # and uptime are not its own.
             self.cells, self.started = 0, time.time()
             _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", **info})
         elif op == P.OP_STATS:
             _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", **self.stats()})
-        elif op in (P.OP_EXEC, P.OP_TABLES, P.OP_FETCH, P.OP_COMPLETE, P.OP_INSPECT):
+        elif op in (P.OP_COMPLETE, P.OP_INSPECT):
+            with self._question_lock:
+                if self._idle_question_threads == 0 and self._question_threads < MAX_QUESTION_THREADS:
+                    self._question_threads += 1
+                    threading.Thread(target=self._answer_loop, name="dhg-introspect", daemon=True).start()
+            self.questions.put((conn, header, time.monotonic()))
+        elif op in (P.OP_EXEC, P.OP_TABLES, P.OP_FETCH):
             self.jobs.put((conn, header, payloads))
         else:
             _safe_send(conn, P.error_event("UnknownOperation", f"unknown op {op!r}", re=re))
@@ -334,6 +378,37 @@ class Agent:
                 signal.pthread_kill(self.main_thread, signal.SIGINT)
                 return True
         return False
+
+    def _answer_loop(self) -> None:
+        while True:
+            with self._question_lock:
+                self._idle_question_threads += 1
+            conn, header, asked = self.questions.get()
+            with self._question_lock:
+                self._idle_question_threads -= 1
+            re = header.get("id")
+            if time.monotonic() - asked > float(header.get("deadline_s") or 30):
+                continue  # the host has given up on this one: do not spend time on it
+            try:
+                if header.get("op") == P.OP_COMPLETE:
+                    reply = self.complete(header.get("code", ""), int(header.get("cursor_pos", 0)))
+                else:
+                    reply = self.inspect(header.get("code", ""), int(header.get("cursor_pos", 0)),
+                                         int(header.get("detail_level", 0)))
+                _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", **reply})
+            except Exception as e:  # noqa: BLE001 - a failed answer is an error reply, never a dead thread
+                _safe_send(conn, P.error_event(type(e).__name__, str(e), re=re))
+                _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "error"})
+
+    def warm_introspection(self) -> None:
+        """Import and exercise jedi before the snapshot, so the first Tab in a clone answers at once."""
+        for code in ("import deephaven\ndeephaven.", "from deephaven import empty_table\nempty_table(1).up",
+                     "import os\nos.path.jo"):
+            try:
+                self.complete(code, len(code))
+                self.inspect(code, len(code) - 2, 0)
+            except Exception as e:  # noqa: BLE001 - warming is best effort
+                _log(f"introspection warm-up: {type(e).__name__}: {e}")
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -348,7 +423,8 @@ class Agent:
     def hello_info(self) -> dict:
         return {"version": P.PROTOCOL_VERSION, "agent_version": AGENT_VERSION,
                 "deephaven_version": self.dh.version, "python": sys.version.split()[0],
-                "server": {"host": self.dh.host, "port": self.dh.port, "auth": "psk" if self.dh.psk else "anonymous"},
+                "server": {"host": self.dh.host, "port": self.dh.port, "auth": "psk",
+                           "key_set": self.dh.has_key},
                 "workdir": str(self.workdir), "tmpdir": tempfile.gettempdir(), "pid": os.getpid(),
                 "startup_ms": round(self.dh.started_ms, 1)}
 
@@ -356,7 +432,7 @@ class Agent:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         out = {"cells": self.cells, "uptime_s": round(time.time() - self.started, 1),
                "max_rss_bytes": usage.ru_maxrss * 1024, "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-               "tables": sum(1 for v in list(self.ns.values()) if self.dh.is_table(v))}
+               "tables": sum(1 for v in list(self.ns.values()) if self.dh.is_table(v)), **self.clock.describe()}
         try:
             out.update(self.dh.jvm_memory())
         except Exception:
@@ -373,13 +449,6 @@ class Agent:
                 tables = [{"name": n, **self.dh.describe(v)} for n, v in list(self.ns.items())
                           if not n.startswith("_") and self.dh.is_table(v)]
                 _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", "tables": tables})
-            elif op == P.OP_COMPLETE:
-                reply = self.complete(header.get("code", ""), int(header.get("cursor_pos", 0)))
-                _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", **reply})
-            elif op == P.OP_INSPECT:
-                reply = self.inspect(header.get("code", ""), int(header.get("cursor_pos", 0)),
-                                     int(header.get("detail_level", 0)))
-                _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": "ok", **reply})
             elif op == P.OP_FETCH:
                 name = header.get("name", "")
                 table = self.ns.get(name)
@@ -428,7 +497,7 @@ class Agent:
             exec(compile(tree, filename, "exec"), self.ns)
             if last_expr is not None:
                 last_value = eval(compile(ast.Expression(last_expr.value), filename, "eval"), self.ns)
-                last_name = (ast.get_source_segment(code, last_expr) or "_")[:80]
+                last_name = _expr_name(code, last_expr)
         except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt (cancel) and SystemExit included
             status = "cancelled" if isinstance(e, KeyboardInterrupt) else "error"
             with self.running_lock:
@@ -459,6 +528,24 @@ class Agent:
         timings["fetch_ms"] = _ms(t2)
         timings["total_ms"] = _ms(t0)
         _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": status, "timings": timings, "tables": out_tables})
+
+
+def _expr_name(code: str, node: ast.expr) -> str:
+    """The source text of an expression (its first line, at most 80 characters), for naming a table.
+
+    (ast.get_source_segment re-splits the whole cell character by character, which is quadratic
+    in the length of a line: minutes for a cell holding a 5 MB literal.)
+    """
+    start = 0
+    for _ in range(node.lineno - 1):
+        start = code.index("\n", start) + 1
+    end = code.find("\n", start)
+    line = code[start:] if end < 0 else code[start:end]
+    # col_offset counts UTF-8 bytes; only the part of the line before it needs encoding.
+    raw = line.encode()
+    end_col = node.end_col_offset if node.end_lineno == node.lineno else len(raw)
+    text = raw[node.col_offset:end_col].decode(errors="replace").strip()
+    return text[:80] or "_"
 
 
 _COLUMN_CONTEXT = re.compile(r"(\w+)\s*\.\s*\w+\((?:[^()]*?)[\"']([^\"']*)$")
@@ -578,21 +665,55 @@ def _mix_kernel_entropy(data: bytes) -> dict:
     return out
 
 
-def after_restore(header: dict, payloads: list) -> dict:
-    """After a snapshot restore: take the host's wall clock and entropy, so clones of one snapshot
-    neither live in the past nor draw the same random numbers."""
+class Clock:
+    """Keeps a VM's wall clock on the host's.
+
+    Under emulation the guest's clocksource loses ticks whenever the host is busy (20 s behind after
+    ten loaded minutes was measured), so the host's time travels with every request and with a
+    periodic notice; when the guest is further off than CLOCK_TOLERANCE_NS it is stepped (a frame's
+    transit is well under that). Only in a VM (``--sync-clock``): a local agent shares the host's clock.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.steps = 0
+        self.last_skew_ns = 0
+        self.max_skew_ns = 0
+        self._lock = threading.Lock()
+
+    def observe(self, host_ns) -> dict:
+        """Compare with the host's ``host_ns`` (sent a moment ago) and step the clock if needed."""
+        out: dict = {}
+        if not self.enabled or not isinstance(host_ns, int):
+            return out
+        with self._lock:
+            skew = host_ns - time.time_ns()
+            self.last_skew_ns = skew
+            self.max_skew_ns = max(self.max_skew_ns, abs(skew))
+            out["clock_skew_ms"] = round(skew / 1e6, 3)
+            if abs(skew) > CLOCK_TOLERANCE_NS:
+                try:
+                    time.clock_settime_ns(time.CLOCK_REALTIME, time.time_ns() + skew)
+                    self.steps += 1
+                    out["clock_set"] = True
+                except OSError as e:  # setting needs root (the VM's agent is)
+                    out["clock_set"] = False
+                    out["clock_error"] = str(e)
+        return out
+
+    def describe(self) -> dict:
+        return {"clock_sync": self.enabled, "clock_steps": self.steps,
+                "clock_last_skew_ms": round(self.last_skew_ns / 1e6, 3),
+                "clock_max_skew_ms": round(self.max_skew_ns / 1e6, 3)}
+
+
+def after_restore(header: dict, payloads: list, dh: "Deephaven | None" = None, clock: "Clock | None" = None) -> dict:
+    """After a snapshot restore: take the host's wall clock, entropy and this VM's login key, so
+    clones of one snapshot neither live in the past, nor draw the same random numbers, nor share a key."""
     out: dict = {}
     host_ns = header.get("time_ns")
     if host_ns is not None:
-        skew = host_ns - time.time_ns()
-        out["clock_skew_ms"] = round(skew / 1e6, 3)
-        if abs(skew) > 50_000_000:  # only a stale clock is set (setting needs root: the VM's agent is)
-            try:
-                time.clock_settime_ns(time.CLOCK_REALTIME, host_ns)
-                out["clock_set"] = True
-            except OSError as e:
-                out["clock_set"] = False
-                out["clock_error"] = str(e)
+        out.update((clock or Clock(enabled=True)).observe(host_ns))
     host_entropy = bytes(payloads[0]) if payloads else b""
     if host_entropy:
         out.update(_mix_kernel_entropy(host_entropy))
@@ -608,8 +729,26 @@ def after_restore(header: dict, payloads: list) -> dict:
         numpy.random.seed(seed % 2**32)
     except ImportError:
         pass
+    if dh is not None:
+        t0 = time.perf_counter()
+        try:
+            out["java_threads_reseeded"] = reseed_java(seed)
+        except Exception as e:  # noqa: BLE001 - reported to the host, which shows it in status
+            out["java_reseed_error"] = f"{type(e).__name__}: {e}"
+        out["java_reseed_ms"] = _ms(t0)
+        key = header.get("key")
+        if key:
+            dh.set_key(key)
+        out["key_set"] = dh.has_key
     out["time_ns"] = time.time_ns()
     return out
+
+
+def reseed_java(seed: int) -> int:
+    """Fresh Java random state (ThreadLocalRandom in every thread, Math.random, new Random) from ``seed``."""
+    import jpy
+
+    return int(jpy.get_type("dhg.Reseed").reseed(seed % 2**64 - 2**63))  # a signed Java long
 
 
 def _ms(t0: float) -> float:
@@ -688,7 +827,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dh-host", default="127.0.0.1")
     ap.add_argument("--dh-port", type=int, default=0, help="Deephaven port (0: a free one)")
     ap.add_argument("--heap", default=os.environ.get("DHG_HEAP", "2g"), help="JVM heap (-Xmx)")
-    ap.add_argument("--psk", default=os.environ.get("DHG_PSK") or None, help="pre-shared key auth instead of anonymous")
+    ap.add_argument("--classes", required=True, help="the agent's compiled Java classes (dhg.TokenAuthHandler, dhg.Reseed)")
+    ap.add_argument("--sync-clock", action="store_true", help="keep the wall clock on the host's (a VM's agent)")
     ap.add_argument("--owner-pid", type=int, default=0, help="exit when this host process is gone (local backend)")
     args = ap.parse_args(argv)
     if args.owner_pid:
@@ -698,11 +838,18 @@ def main(argv: list[str] | None = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)  # Deephaven resolves relative paths (read_csv("data/x.csv")) against it
     ns = _fresh_main()
-    dh = Deephaven(args.dh_host, args.dh_port, args.heap, args.psk)
+    # The login key of a local agent comes in the environment (never argv); a VM's comes after each restore.
+    key = os.environ.pop("DHG_KEY", None)
+    dh = Deephaven(args.dh_host, args.dh_port, args.heap, Path(args.classes))
     _log(f"starting Deephaven on {dh.host}:{dh.port}")
     dh.start()
+    if key:
+        dh.set_key(key)
     dh.warm_up()
-    agent = Agent(workdir, dh, ns)
+    # Also loads the reseeder's class and reflection before a snapshot, so a restore pays little for it.
+    reseed_java(int.from_bytes(os.urandom(16), "big"))
+    agent = Agent(workdir, dh, ns, Clock(enabled=args.sync_clock))
+    agent.warm_introspection()
     where = args.socket or args.serial or f"vsock port {args.vsock_port}"
     _log(f"Deephaven {dh.version} ready in {dh.started_ms:.0f} ms; serving on {where}")
     if args.serial:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import time
@@ -28,6 +29,8 @@ class Instance(ABC):
 
     def __init__(self, record: InstanceRecord):
         self.record = record
+        self.key: str | None = None
+        """The Deephaven server's login key (pre-shared key), in memory only: never in a file or argv."""
 
     @property
     def id(self) -> str:
@@ -164,12 +167,19 @@ def connect_unix(path: Path, timeout: float, is_alive=lambda: True) -> socket.so
         time.sleep(0.05)
 
 
-def restored_handshake(sock: socket.socket, timeout: float, is_alive: Callable[[], bool]) -> dict:
-    """After a snapshot restore: give the guest the host's clock and fresh entropy, so clones of one
-    snapshot neither live in the past nor share random numbers. Returns the agent's answer."""
+def new_key() -> str:
+    """A fresh login key for one instance's Deephaven server (256 bits from the host's generator)."""
+    return secrets.token_urlsafe(32)
+
+
+def restored_handshake(sock: socket.socket, timeout: float, is_alive: Callable[[], bool], key: str) -> dict:
+    """After a snapshot restore: give the guest the host's clock, fresh entropy and its own login key,
+    so clones of one snapshot neither live in the past, nor share random numbers, nor a key (the
+    snapshot holds none: until this, every login is refused). Returns the agent's answer."""
     stream = P.FrameStream(sock)
     # Request id 0: a Session's own ids start at 1, so this exchange cannot be mistaken for one.
-    stream.send({"op": P.OP_RESTORED, "id": 0, "time_ns": time.time_ns()}, [os.urandom(64)])
+    # The key travels on the agent stream only (a 0600 socket in a 0700 dir, or vsock).
+    stream.send({"op": P.OP_RESTORED, "id": 0, "time_ns": time.time_ns(), "key": key}, [os.urandom(64)])
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()

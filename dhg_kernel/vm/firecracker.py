@@ -41,7 +41,7 @@ from ..instances import InstanceRecord, new_instance
 from . import netns, vsock
 from .base import (SNAPSHOT_METADATA, AgentStartError, Backend, BackendUnavailable, RestoredInstance,
                    check_snapshot_inputs, file_stamp, read_snapshot_metadata, require_snapshot_files,
-                   restored_handshake, write_snapshot_metadata)
+                   new_key, restored_handshake, write_snapshot_metadata)
 from .fc_api import (FirecrackerAPI, FirecrackerAPIError, Spec, SpecError, Version, parse_version, spec_beside,
                      supports, version_str)
 from .fc_release import FirecrackerBinary, FirecrackerMissing, firecracker_home, from_path, obtain
@@ -573,7 +573,8 @@ def restore(layout: Layout, launch: Launch, snap: FcSnapshot, network: bool = Fa
         send(inst.api, restore_calls(launch.fc.version, network))
         inst.timings["loaded_ms"] = _ms(t0)
         inst._pending = vsock.connect(inst.vsock_path, AGENT_VSOCK_PORT, timeout, inst.alive)
-        inst.restored_info = restored_handshake(inst._pending, timeout, inst.alive)
+        inst.key = new_key()
+        inst.restored_info = restored_handshake(inst._pending, timeout, inst.alive, inst.key)
         inst.forwarder = vsock.PortForwarder(inst.vsock_path, GUEST_DH_PORT)
         inst.timings["ready_ms"] = _ms(t0)
     except Exception as e:

@@ -12,8 +12,9 @@ import subprocess
 import sys
 
 from ..config import AGENT_START_TIMEOUT_S, Layout
+from ..guest_java import JavaBuildError, local_classes
 from ..instances import new_instance
-from .base import AgentStartError, Backend, BackendUnavailable, Instance, connect_unix
+from .base import AgentStartError, Backend, BackendUnavailable, Instance, connect_unix, new_key
 
 
 def agent_script() -> str:
@@ -56,12 +57,11 @@ class LocalBackend(Backend):
     name = "local"
 
     # Options meant for VM backends (network, firecracker, …) are ignored: a host process has the host's.
-    def __init__(self, layout: Layout, python: str | None = None, heap: str = "2g", psk: str | None = None,
+    def __init__(self, layout: Layout, python: str | None = None, heap: str = "2g",
                  start_timeout: float = AGENT_START_TIMEOUT_S, **_ignored):
         self.layout = layout
         self.python = python or sys.executable
         self.heap = heap
-        self.psk = psk
         self.start_timeout = start_timeout
 
     def check(self) -> None:
@@ -73,17 +73,22 @@ class LocalBackend(Backend):
 
     def start(self) -> LocalInstance:
         self.check()
+        try:
+            classes = local_classes(self.layout.cache)
+        except JavaBuildError as e:
+            raise BackendUnavailable(str(e)) from None
         rec = new_instance(self.layout, self.name)
         sock = os.path.join(rec.dir, "agent.sock")
         cmd = [self.python, agent_script(), "--socket", sock,
                "--workdir", os.path.join(rec.dir, "work"), "--heap", self.heap,
-               "--owner-pid", str(os.getpid())]
+               "--owner-pid", str(os.getpid()), "--classes", str(classes)]
         env = dict(os.environ)
         # The agent's (and its JVM's) temp files live in the instance dir and go with it.
         env["TMPDIR"] = os.path.join(rec.dir, "tmp")
         os.makedirs(env["TMPDIR"], mode=0o700)
-        if self.psk:
-            env["DHG_PSK"] = self.psk
+        # The server's login key: in the environment (readable only by this uid), never in argv.
+        key = new_key()
+        env["DHG_KEY"] = key
         # The agent imports dhg_kernel.protocol: make this very copy importable, whatever the Python.
         pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
@@ -94,6 +99,7 @@ class LocalBackend(Backend):
         rec.info.update({"socket": sock, "python": self.python})
         rec.save()
         inst = LocalInstance(rec, proc)
+        inst.key = key
         try:
             inst.connect(self.start_timeout).close()
         except AgentStartError as e:

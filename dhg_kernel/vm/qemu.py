@@ -28,7 +28,7 @@ from ..config import DH_VERSION, Layout
 from ..instances import new_instance
 from ..qmp import QMPClient
 from .base import (AgentStartError, Backend, BackendUnavailable, RestoredInstance, check_snapshot_inputs, connect_unix,
-                   read_snapshot_metadata, require_snapshot_files, restored_handshake, write_snapshot_metadata, SNAPSHOT_METADATA)
+                   read_snapshot_metadata, require_snapshot_files, new_key, restored_handshake, write_snapshot_metadata, SNAPSHOT_METADATA)
 
 QEMU_BINARY = "qemu-system-x86_64"
 # The JVM dies under TCG with -cpu max (SIGILL) and multi-threaded TCG (SIGSEGV): see DESIGN.md.
@@ -85,8 +85,10 @@ class Machine:
     @staticmethod
     def kernel_cmdline(heap: str, jvm_opts: str = "") -> str:
         """The guest kernel command line: our init as PID 1 on a read-only root, settings as dhg.*."""
+        # tsc=reliable: without it the kernel's clocksource watchdog (checking against jiffies, which lose
+        # ticks under emulation) leaves only jiffies, and the guest clock falls behind whenever the host is busy.
         words = ["console=ttyS0", "root=/dev/vda", "ro", "rootfstype=ext4", "init=/opt/dhg/init", "panic=-1",
-                 "quiet", "loglevel=4", f"dhg.heap={heap}", f"dhg.dhport={GUEST_DH_PORT}"]
+                 "quiet", "loglevel=4", "tsc=reliable", f"dhg.heap={heap}", f"dhg.dhport={GUEST_DH_PORT}"]
         if jvm_opts.strip():
             words.append("dhg.jvm=" + ",".join(jvm_opts.split()))  # init turns the commas back into spaces
         return " ".join(words)
@@ -280,7 +282,8 @@ class QemuBackend(Backend):
             inst.qmp.execute("cont")
             inst.timings["resumed_ms"] = _ms(t0)
             assert inst._pending is not None
-            inst.restored_info = restored_handshake(inst._pending, self.restore_timeout, inst.alive)
+            inst.key = new_key()
+            inst.restored_info = restored_handshake(inst._pending, self.restore_timeout, inst.alive, inst.key)
             inst.timings["ready_ms"] = _ms(t0)
         except Exception as e:
             tail = inst.log_tail()

@@ -1,0 +1,183 @@
+"""One conversation with an agent: requests, their streamed events, cancels, deadlines.
+
+A reader thread routes every incoming frame to the request it answers (by ``re``), so several
+requests may be in flight on one connection (a completion while a cell runs) without taking each
+other's events. Answers that arrive after their request was abandoned are dropped. Frames that
+answer nothing say the agent is gone (``agent_exit`` from the VM's init, or the end of the stream):
+every waiting request then fails with AgentDied at once, and so does every later one.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable, Sequence
+
+from . import protocol as P
+from .config import CANCEL_GRACE_S, CLOCK_NOTICE_S
+from .errors import AgentDied, AgentUnresponsive, AnswerAbandoned, CellTooLarge, DhvmError
+
+
+class _Gone:
+    """Queued to every waiting request when the stream is dead."""
+
+    def __init__(self, why: str, death: dict | None):
+        self.why = why
+        self.death = death
+
+
+class AgentClient:
+    """Requests and events over one connection to an agent.
+
+    ``clock_notices``: send the host's wall clock every CLOCK_NOTICE_S (VMs, whose clocks drift).
+    """
+
+    def __init__(self, sock, clock_notices: bool = False):
+        self.stream = P.FrameStream(sock)
+        self._next_id = 0
+        self._lock = threading.Lock()
+        self._waiting: dict[int, queue.Queue] = {}
+        self.dead: str | None = None
+        """Why the agent stream is dead (None while it works)."""
+        self.death: dict | None = None
+        """The VM init's ``agent_exit`` report, when the agent process died."""
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._read_loop, name="dhg-client-reader", daemon=True)
+        self._reader.start()
+        if clock_notices:
+            threading.Thread(target=self._clock_loop, name="dhg-client-clock", daemon=True).start()
+
+    # -- incoming ----------------------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                frame = self.stream.recv()
+            except (P.ConnectionClosed, P.ProtocolError, OSError) as e:
+                self._die(f"connection to the agent lost: {e}", None)
+                return
+            h = frame.header
+            if h.get("ev") == P.EV_AGENT_EXIT:
+                self._die(h.get("reason") or "the agent process died", h)
+                return  # the VM's stream now belongs to a restarting agent: this client is done
+            re = h.get("re")
+            with self._lock:
+                if re is None:
+                    targets = list(self._waiting.values())  # a protocol error about no request in particular
+                else:
+                    targets = [self._waiting[re]] if re in self._waiting else []  # else: an abandoned answer
+            for q in targets:
+                q.put(frame)
+
+    def _die(self, why: str, death: dict | None) -> None:
+        with self._lock:
+            if self.dead is None:
+                self.dead, self.death = why, death
+            gone = _Gone(self.dead, self.death)
+            for q in self._waiting.values():
+                q.put(gone)
+
+    def _clock_loop(self) -> None:
+        while not self._closed.wait(CLOCK_NOTICE_S):
+            if self.dead is not None:
+                return
+            try:
+                self.stream.send({"op": P.OP_CLOCK, "now_ns": time.time_ns()})
+            except OSError:
+                return
+
+    # -- outgoing ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._closed.set()
+        self.stream.close()
+
+    def new_id(self) -> int:
+        with self._lock:
+            self._next_id += 1
+            return self._next_id
+
+    def _send(self, header: dict, payloads: Sequence = ()) -> None:
+        try:
+            # The host's clock travels with every request (see the agent's Clock).
+            self.stream.send({**header, "now_ns": time.time_ns()}, payloads)
+        except P.ProtocolError as e:
+            if "header" in str(e) and header.get("op") == P.OP_EXEC:
+                size = len(header.get("code", "").encode())
+                raise CellTooLarge(
+                    f"this cell is {size / 2**20:.1f} MiB of code, over the {P.MAX_HEADER_BYTES / 2**20:.0f} MiB a "
+                    f"cell's code may take (it travels in one request header). Put the data in a workspace "
+                    f"file instead (e.g. data.json or data.csv) and read it in the cell: files the cell names "
+                    f"are pushed as payloads, up to --max-push-mb (50 MiB by default).") from None
+            raise DhvmError(f"could not send the request: {e}") from None
+        except OSError as e:
+            self._die(f"connection to the agent lost: {e}", None)
+            raise AgentDied(self.dead or str(e), self.death) from None
+
+    def request(self, header: dict, payloads: Sequence = (), on_frame: Callable[[P.Frame], None] | None = None,
+                timeout: float | None = None, abandon: bool = False) -> dict:
+        """Send a request and handle its events until its ``done``; returns the done header.
+
+        Past ``timeout``: with ``abandon`` the answer is dropped (AnswerAbandoned; the agent is left
+        alone, its late answer discarded); otherwise a cancel is sent and the agent gets
+        ``CANCEL_GRACE_S`` to finish, past which (or on a second interrupt) AgentUnresponsive.
+        A KeyboardInterrupt cancels the same way.
+        """
+        if self.dead is not None:
+            raise AgentDied(self.dead, self.death)
+        rid = self.new_id()
+        frames: queue.Queue = queue.Queue()
+        with self._lock:
+            self._waiting[rid] = frames
+            if self.dead is not None:
+                frames.put(_Gone(self.dead, self.death))
+        try:
+            self._send({**header, "id": rid}, payloads)
+            return self._wait(rid, frames, on_frame, timeout, abandon)
+        finally:
+            with self._lock:
+                self._waiting.pop(rid, None)
+
+    def _wait(self, rid: int, frames: queue.Queue, on_frame, timeout: float | None, abandon: bool) -> dict:
+        deadline = time.monotonic() + timeout if timeout else None
+        cancel_deadline: float | None = None
+        interrupted = False
+        while True:
+            limit = cancel_deadline if cancel_deadline is not None else deadline
+            wait = None if limit is None else max(0.0, limit - time.monotonic())
+            try:
+                item = frames.get(timeout=wait)
+            except queue.Empty:
+                if abandon:
+                    raise AnswerAbandoned(f"no answer within {timeout:g}s; the answer was dropped") from None
+                if cancel_deadline is None:
+                    cancel_deadline = self._cancel(rid)
+                    continue
+                raise AgentUnresponsive(
+                    f"the cell did not stop within {CANCEL_GRACE_S:g}s of being cancelled") from None
+            except KeyboardInterrupt:
+                if cancel_deadline is not None:
+                    raise AgentUnresponsive("interrupted twice; the cell did not stop") from None
+                interrupted = True
+                cancel_deadline = self._cancel(rid)
+                continue
+            if isinstance(item, _Gone):
+                raise AgentDied(item.why, item.death)
+            ev = item.header
+            if ev.get("ev") == P.EV_ERROR and ev.get("re") is None:
+                raise DhvmError(f"the agent rejected a frame: {ev.get('name')}: {ev.get('value')}")
+            if on_frame:
+                on_frame(item)
+            if ev.get("ev") == P.EV_DONE:
+                if interrupted and ev.get("status") == "cancelled":
+                    ev["interrupted"] = True
+                return ev
+
+    def _cancel(self, rid: int) -> float:
+        try:
+            # Its own id, whose answer nobody waits for (dropped by the reader).
+            self._send({"op": P.OP_CANCEL, "id": self.new_id(), "target": rid})
+        except DhvmError:
+            pass
+        return time.monotonic() + CANCEL_GRACE_S
