@@ -684,14 +684,14 @@ class Clock:
     def observe(self, host_ns) -> dict:
         """Compare with the host's ``host_ns`` (sent a moment ago) and step the clock if needed."""
         out: dict = {}
-        if not self.enabled or not isinstance(host_ns, int):
+        if not isinstance(host_ns, int):
             return out
         with self._lock:
             skew = host_ns - time.time_ns()
             self.last_skew_ns = skew
             self.max_skew_ns = max(self.max_skew_ns, abs(skew))
             out["clock_skew_ms"] = round(skew / 1e6, 3)
-            if abs(skew) > CLOCK_TOLERANCE_NS:
+            if self.enabled and abs(skew) > CLOCK_TOLERANCE_NS:
                 try:
                     time.clock_settime_ns(time.CLOCK_REALTIME, time.time_ns() + skew)
                     self.steps += 1

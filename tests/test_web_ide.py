@@ -1,0 +1,63 @@
+"""Deephaven's web IDE in a real browser (Debian's Chromium driven by Playwright; never a browser
+download): the link `%dhvm status` shows logs in with the instance's key; without it, or with a
+wrong key, the IDE asks for a token. Screenshots land in build/test-artifacts/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "build" / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (make test does)")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; make test does as root)")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        yield b
+        b.close()
+
+
+def _open(browser, url: str, shot: str, ready: str, timeout_s: float = 60) -> str:
+    ctx = browser.new_context()
+    try:
+        page = ctx.new_page()
+        page.goto(url)
+        page.wait_for_selector(ready, timeout=timeout_s * 1000)
+        time.sleep(0.5)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / shot))
+        return page.inner_text("body")
+    finally:
+        ctx.close()
+
+
+def test_the_web_ide_link_logs_in_with_the_instance_key_and_nothing_else_does(browser, dhg_home):
+    from dhg_kernel.session import Session
+
+    s = Session("local", dhg_home, heap="768m")
+    try:
+        s.start()
+        url = s.deephaven_url()
+        base = url.split("?")[0]
+        assert url == f"{base}?psk={s.instance.key}"
+        login_form = "#auth-psk-token-input"
+        for shot, u in (("web-ide-no-key.png", base), ("web-ide-wrong-key.png", base + "?psk=wrong")):
+            text = _open(browser, u, shot, login_form)
+            assert "Login" in text and "Command History" not in text
+        text = _open(browser, url, "web-ide-with-key.png", "text=Command History")
+        assert "Console" in text and "Login" not in text
+    finally:
+        s.stop()
