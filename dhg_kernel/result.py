@@ -35,7 +35,7 @@ class TableResult:
     @cached_property
     def df(self) -> pd.DataFrame:
         """The table as a pandas DataFrame."""
-        return to_pandas(self.arrow, self.dtype_backend)
+        return to_pandas(self.arrow, self.dtype_backend, rows=None if self.truncated else self.rows)
 
     def summary(self) -> str:
         shown = f"first {self.arrow.num_rows:,} of {self.rows:,} rows" if self.truncated else f"{self.rows:,} rows"

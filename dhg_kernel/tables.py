@@ -1,12 +1,22 @@
 """Arrow IPC from the guest to pandas, with Deephaven's types kept.
 
 ``numpy_nullable`` (the default) keeps integer and boolean columns integer and boolean even when
-they hold nulls (pandas ``Int64``/``boolean``); floats stay ``float64`` with NaN; strings stay
-``object``; Deephaven ``Instant`` columns become ``datetime64[ns, UTC]``.
+they hold nulls (pandas ``Int64``/``boolean``); floats stay ``float64`` with NaN; strings are
+pandas strings; Deephaven ``Instant`` columns become ``datetime64[ns, UTC]``.
+
+Deephaven names each column's Java type in the Arrow field metadata (``deephaven:type``); the
+types Arrow has no word for are turned into what a Python user expects: ``char`` (sent as uint16)
+into one-character strings, ``BigDecimal`` (sent as a 4-byte little-endian scale and the unscaled
+value's big-endian two's-complement bytes) into ``decimal.Decimal``, ``BigInteger`` into ``int``.
+``LocalDate``/``LocalTime`` become ``datetime.date``/``datetime.time`` (pandas' usual object
+columns), arrays and vectors NumPy arrays.
 """
 
 from __future__ import annotations
 
+import decimal
+
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -31,12 +41,58 @@ def read_ipc(payload) -> pa.Table:
         return reader.read_all()
 
 
-def to_pandas(table: pa.Table, dtype_backend: str = "numpy_nullable") -> pd.DataFrame:
-    """Convert an Arrow table to a DataFrame with the chosen dtype backend."""
+def deephaven_type(field: pa.Field) -> str | None:
+    """The Java type Deephaven gave a column (``char``, ``java.math.BigDecimal``…), if it said."""
+    value = (field.metadata or {}).get(b"deephaven:type")
+    return value.decode() if value is not None else None
+
+
+def _chars(column: pa.ChunkedArray) -> pa.Array:
+    """uint16 char codes -> one-character strings (UTF-32 code units viewed as NumPy U1), nulls kept."""
+    codes = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    text = codes.fill_null(0).to_numpy(zero_copy_only=False).astype("<u4").view("<U1")
+    return pa.array(text, type=pa.string(), mask=codes.is_null().to_numpy(zero_copy_only=False))
+
+
+def _big_decimal(raw: bytes | None):
+    if raw is None:
+        return None
+    scale = int.from_bytes(raw[:4], "little", signed=True)
+    return decimal.Decimal(int.from_bytes(raw[4:], "big", signed=True)).scaleb(-scale)
+
+
+def _big_integer(raw: bytes | None):
+    return None if raw is None else int.from_bytes(raw, "big", signed=True)
+
+
+_PYTHON_VALUES = {"java.math.BigDecimal": _big_decimal, "java.math.BigInteger": _big_integer}
+
+
+def to_pandas(table: pa.Table, dtype_backend: str = "numpy_nullable", rows: int | None = None) -> pd.DataFrame:
+    """Convert an Arrow table to a DataFrame with the chosen dtype backend.
+
+    ``rows``: the table's row count, for a table with no columns (Arrow then has no rows to count).
+    """
+    if dtype_backend not in DTYPE_BACKENDS:
+        raise ValueError(f"unknown dtype_backend {dtype_backend!r}; choose one of {', '.join(DTYPE_BACKENDS)}")
+    if table.num_columns == 0:
+        return pd.DataFrame(index=pd.RangeIndex(table.num_rows if rows is None else rows))
+    later: dict[str, object] = {}
+    for i, field in enumerate(table.schema):
+        jtype = deephaven_type(field)
+        if jtype == "char" and pa.types.is_integer(field.type):
+            table = table.set_column(i, field.with_type(pa.string()), _chars(table.column(i)))
+        elif jtype in _PYTHON_VALUES and pa.types.is_binary(field.type):
+            later[field.name] = _PYTHON_VALUES[jtype]
     if dtype_backend == "numpy_nullable":
-        return table.to_pandas(types_mapper=_NULLABLE.get)
-    if dtype_backend == "pyarrow":
-        return table.to_pandas(types_mapper=pd.ArrowDtype)
-    if dtype_backend == "numpy":
-        return table.to_pandas()
-    raise ValueError(f"unknown dtype_backend {dtype_backend!r}; choose one of {', '.join(DTYPE_BACKENDS)}")
+        df = table.to_pandas(types_mapper=_NULLABLE.get)
+        for i, field in enumerate(table.schema):
+            if pa.types.is_string(field.type) and deephaven_type(field) == "char":
+                df[field.name] = df[field.name].astype(pd.StringDtype())
+    elif dtype_backend == "pyarrow":
+        df = table.to_pandas(types_mapper=pd.ArrowDtype)
+    else:
+        df = table.to_pandas()
+    for name, convert in later.items():
+        df[name] = pd.Series([convert(v) for v in table.column(name).to_pylist()], index=df.index, dtype=object)
+    return df
