@@ -52,6 +52,8 @@ class ExecutionError:
     """Exception message."""
     traceback: list[str] = field(default_factory=list)
     """Formatted remote traceback lines."""
+    summary: list[str] = field(default_factory=list)
+    """For long errors (Deephaven's Java traces): a few lines to read first (message, expression, cell line)."""
 
     def __str__(self) -> str:
         return f"{self.name}: {self.value}"
@@ -109,7 +111,8 @@ class CellResult:
         return {
             "status": self.status, "ok": self.ok, "stdout": self.stdout, "stderr": self.stderr,
             "error": None if self.error is None else {
-                "name": self.error.name, "value": self.error.value, "traceback": self.error.traceback},
+                "name": self.error.name, "value": self.error.value, "summary": self.error.summary,
+                "traceback": self.error.traceback},
             "tables": tables, "value": self.value, "timings": self.timings, "files": self.files,
             "files_skipped": [list(s) for s in self.files_skipped], "backend": self.backend,
         }

@@ -335,7 +335,8 @@ class Session:
             elif kind == P.EV_RESULT:
                 result.value = h.get("data")
             elif kind == P.EV_ERROR:
-                result.error = ExecutionError(h.get("name", "Error"), h.get("value", ""), h.get("traceback") or [])
+                result.error = ExecutionError(h.get("name", "Error"), h.get("value", ""), h.get("traceback") or [],
+                                              h.get("summary") or [])
 
         t1 = time.perf_counter()
         done: dict = {}

@@ -502,7 +502,7 @@ class Agent:
             status = "cancelled" if isinstance(e, KeyboardInterrupt) else "error"
             with self.running_lock:
                 self.running = None
-            _safe_send(conn, P.error_event(type(e).__name__, str(e), _cell_traceback(e), re=re))
+            _safe_send(conn, _cell_error_event(e, code, re))
         finally:
             with self.running_lock:
                 self.running = None
@@ -760,6 +760,44 @@ def _safe_send(conn: P.FrameStream, header: dict, payloads=()) -> None:
         conn.send(header, payloads)
     except OSError:
         pass  # the host is gone; nothing to tell
+
+
+def _java_field(text: str, label: str) -> str | None:
+    """``Label : value`` from a Deephaven (Java) error text, e.g. "Exception message : Cannot find …"."""
+    m = re.search(rf"^\s*{re.escape(label)}\s*:\s*(\S.*)$", text, re.M)
+    return m.group(1).strip() if m else None
+
+
+def _error_summary(exc: BaseException, code: str) -> list[str]:
+    """A few lines to read before a long traceback: the message (Deephaven's own, when the error comes
+    from Java), the query expression it is about, and the cell line that raised it. Empty for short errors."""
+    text = str(exc)
+    lines = text.splitlines()
+    if len(lines) <= 3:
+        return []
+    message = re.sub(r"\.\s+:\s+", ": ", lines[0]).strip()
+    inner = _java_field(text, "Exception message")
+    if inner and inner not in message:
+        message = f"{message}: {inner}"
+    out = [f"{type(exc).__name__}: {message}"]
+    expression = _java_field(text, "Full expression")
+    if expression:
+        out.append(f"  in the expression: {expression}")
+    cell_frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.startswith("<dhvm-cell-")]
+    if cell_frames:
+        frame = cell_frames[-1]
+        source = code.splitlines()[frame.lineno - 1].strip() if frame.lineno and frame.lineno <= code.count("\n") + 1 else ""
+        out.append(f"  at cell line {frame.lineno}: {source[:200]}")
+    return out
+
+
+def _cell_error_event(exc: BaseException, code: str, re_id) -> dict:
+    """The error event of a failed cell: a short value and summary first, the whole traceback after."""
+    summary = _error_summary(exc, code)
+    value = str(exc)
+    if summary:
+        value = summary[0].split(": ", 1)[-1]  # the full text is in the traceback
+    return P.error_event(type(exc).__name__, value, _cell_traceback(exc), re=re_id, summary=summary)
 
 
 def _cell_traceback(exc: BaseException) -> list[str]:

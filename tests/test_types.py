@@ -68,3 +68,21 @@ def test_tables_with_no_rows_or_no_columns(session):
     assert len(no_rows) == 0 and list(no_rows.columns) == ["C", "BD", "X"] and no_rows["X"].dtype == "Int32"
     assert isinstance(no_rows["C"].dtype, pd.StringDtype)
     assert no_cols.shape == (4, 0)
+
+
+def test_a_deephaven_query_error_shows_its_summary_first(session):
+    """The useful line used to be line 43 of 129: now the message, the expression and the cell line lead."""
+    r = session.execute("from deephaven import empty_table\nx = 1\nt = empty_table(3).update('Y = nosuch + 1')")
+    e = r.error
+    assert e.name == "DHError"
+    assert e.summary[0] == "DHError: table update operation failed: Cannot find variable or class nosuch"
+    assert e.summary[1] == "  in the expression: nosuch + 1"
+    assert e.summary[2] == "  at cell line 3: t = empty_table(3).update('Y = nosuch + 1')"
+    assert e.value == "table update operation failed: Cannot find variable or class nosuch"
+    assert any("QueryLanguageParser" in line for line in e.traceback), "the full trace is still there"
+    from dhg_kernel.display import remote_error
+
+    shown = remote_error(e)._render_traceback_()
+    assert "Cannot find variable or class nosuch" in shown[1] and "nosuch + 1" in shown[2]
+    # A short Python error gets no summary: its traceback is short already.
+    assert session.execute("1 / 0").error.summary == []
