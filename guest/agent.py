@@ -603,10 +603,32 @@ def _agent_complete(agent: "Agent", code: str, cursor_pos: int) -> dict:
             "types": [c.type for c in comps]}
 
 
+def _callee_at(code: str, cursor_pos: int) -> str:
+    """The dotted name of the call whose arguments the cursor is in (``t.update(`` -> ``t.update``),
+    as a plain kernel's Shift-Tab finds it; "" when the cursor is in no call."""
+    depth = 0
+    for i in range(cursor_pos - 1, -1, -1):
+        ch = code[i]
+        if ch in ")]}":
+            depth += 1
+        elif ch in "([{":
+            if depth > 0:
+                depth -= 1
+            elif ch == "(":
+                m = re.search(r"([\w.]+)\s*$", code[:i])
+                return m.group(1).strip(".") if m else ""
+            # an open list or dict at this level: the call (if any) is further out
+        elif ch == "\n" and depth == 0 and not code[:i].rstrip().endswith((",", "(", "\\")):
+            return ""  # a new statement: no open call around the cursor
+    return ""
+
+
 def _agent_inspect(agent: "Agent", code: str, cursor_pos: int, detail_level: int) -> dict:
     left = re.search(r"([\w.]+)$", code[:cursor_pos])
     right = re.match(r"\w*", code[cursor_pos:])
     dotted = ((left.group(1) if left else "") + (right.group(0) if right else "")).strip(".")
+    if not dotted:
+        dotted = _callee_at(code, cursor_pos)
     if not dotted:
         return {"found": False, "data": {}}
     try:

@@ -86,3 +86,20 @@ def test_a_deephaven_query_error_shows_its_summary_first(session):
     assert "Cannot find variable or class nosuch" in shown[1] and "nosuch + 1" in shown[2]
     # A short Python error gets no summary: its traceback is short already.
     assert session.execute("1 / 0").error.summary == []
+
+
+@pytest.mark.parametrize("code", ["t.update(", "t.update(['X = 1', ", "t.update(\n    ['X = 1',\n    "])
+def test_shift_tab_inside_a_call_shows_the_callees_signature(session, code):
+    session.execute("from deephaven import empty_table\nt = empty_table(1)")
+    reply = session.inspect(code, len(code))
+    text = reply["data"].get("text/plain", "")
+    assert reply["found"] and "Signature: t.update(formulas" in text, text[:300]
+
+
+def test_callee_at_finds_the_open_call_only():
+    from dhg_kernel.guest.agent import _callee_at
+
+    assert _callee_at("print(len(x), ", 14) == "print"
+    assert _callee_at("f(g(1), h(", 10) == "h"
+    assert _callee_at("x = [1, 2", 9) == ""
+    assert _callee_at("f(1)\ny = ", 9) == ""
