@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import sys
 
-from .result import CellResult, ExecutionError, TableResult
+from .result import CellResult, DisplayOutput, ExecutionError, TableResult
 
 
 class _RemoteTraceback:
@@ -55,20 +55,39 @@ def remote_error(error: ExecutionError) -> BaseException:
     return cls(error)
 
 
+def _column_types(t: TableResult) -> list[str]:
+    """``name type`` for each column, with Deephaven's type names (Instants are shown in UTC)."""
+    out = []
+    for c in t.columns:
+        jtype = str(c.get("type", "?")).removeprefix("java.lang.").removeprefix("java.time.")
+        out.append(f"{c.get('name')} {jtype}" + (" (UTC)" if jtype in ("Instant", "ZonedDateTime") else ""))
+    return out
+
+
 def table_heading(t: TableResult, max_rows_hint: str = "-n/--max-rows") -> tuple[str, str]:
-    """(plain, html) heading for a table: its name, size and a truncation note."""
+    """(plain, html) heading for a table: its name, size, whether it ticks (and when it was
+    snapshotted), a truncation note, and its column types."""
     cols = t.arrow.num_columns
     size = f"{t.rows:,} rows × {cols} columns"
-    note = ""
-    if t.truncated:
-        note = (f"showing the first {t.arrow.num_rows:,} of {t.rows:,} rows "
-                f"(raise with {max_rows_hint} or %config Dhvm.max_rows)")
+    notes = []
     if t.refreshing:
-        note = (note + "; " if note else "") + "ticking table: a snapshot"
-    plain = f"{t.name}  ({size})" + (f"\n  {note}" if note else "")
+        when = t.snapshot_time.strftime("%H:%M:%S UTC") if t.snapshot_time else "when the cell ended"
+        notes.append(f"ticking table: a snapshot taken at {when}")
+    if t.truncated:
+        notes.append(f"showing the first {t.arrow.num_rows:,} of {t.rows:,} rows "
+                     f"(raise with {max_rows_hint} or %config Dhvm.max_rows)")
+    types = _column_types(t)
+    badge = " · ticking" if t.refreshing else ""
+    plain = f"{t.name}  ({size}{badge})" + "".join(f"\n  {n}" for n in notes)
+    if types:
+        plain += "\n  columns: " + ", ".join(types)
     rich = (f"<h4 style='margin:0.6em 0 0.2em 0'><code>{html.escape(t.name)}</code> "
-            f"<small style='font-weight:normal'>{size}</small></h4>"
-            + (f"<p style='margin:0 0 0.4em 0;color:#a15c00'>{html.escape(note)}</p>" if note else ""))
+            f"<small style='font-weight:normal'>{size}</small>"
+            + (" <small style='color:#0a7d32;font-weight:normal'>● ticking</small>" if t.refreshing else "")
+            + "</h4>"
+            + "".join(f"<p style='margin:0 0 0.2em 0;color:#a15c00'>{html.escape(n)}</p>" for n in notes)
+            + (f"<p style='margin:0 0 0.4em 0;color:#666'><small>{html.escape(' · '.join(types))}</small></p>"
+               if types else ""))
     return plain, rich
 
 
@@ -79,15 +98,40 @@ def timing_line(result: CellResult) -> str:
     return f"[dhvm {result.backend}] " + ", ".join(parts) + sent
 
 
-def show_in_ipython(result: CellResult, *, quiet: bool = False, verbose: bool = False) -> None:
-    """Display a cell's tables (stdout/stderr were already streamed) and raise its error, if any."""
+def show_table(t: TableResult) -> None:
+    """One table in the notebook: its heading (name, size, notes), then the DataFrame."""
     from IPython.display import display
 
+    import pandas as pd
+
+    plain, rich = table_heading(t)
+    display({"text/plain": plain, "text/html": rich}, raw=True)
+    # The heading gives the size: no second "N rows × M columns" footer from pandas to contradict it.
+    with pd.option_context("display.show_dimensions", False):
+        display(t.df)
+
+
+def show_display(out: DisplayOutput) -> None:
+    """Rich output from the VM, at the moment it arrives: ``display_data``, ``update_display_data``,
+    ``clear_output``, or a displayed Deephaven table (rendered like a result table)."""
+    from IPython.display import clear_output, publish_display_data
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()  # what the cell printed before this output comes first
+    if out.kind == "table" and out.table is not None:
+        show_table(out.table)
+    elif out.kind == "clear":
+        clear_output(wait=out.wait)
+    else:
+        publish_display_data(out.data, out.metadata, transient=out.transient, update=out.kind == "update")
+
+
+def show_in_ipython(result: CellResult, *, quiet: bool = False, verbose: bool = False) -> None:
+    """Display a cell's tables (stdout/stderr and rich output were already streamed) and raise its
+    error, if any."""
     if not quiet:
         for t in result.tables:
-            plain, rich = table_heading(t)
-            display({"text/plain": plain, "text/html": rich}, raw=True)
-            display(t.df)
+            show_table(t)
     if verbose:
         print(timing_line(result), file=sys.stderr)
         for literal, why in result.files_skipped:
@@ -99,6 +143,11 @@ def show_in_ipython(result: CellResult, *, quiet: bool = False, verbose: bool = 
 def format_text(result: CellResult, max_rows: int = 20, verbose: bool = False) -> str:
     """The result as terminal text (``dhvm exec``): tables as pandas prints them, then the error."""
     out: list[str] = []
+    for d in result.displays:  # rich output as text (with --json, the whole MIME bundles)
+        if d.kind == "table" and d.table is not None:
+            out.append(f"== {table_heading(d.table, '--max-rows')[0]}\n{d.table.df.to_string(max_rows=max_rows)}")
+        elif d.kind in ("display", "update"):
+            out.append(d.data.get("text/plain") or f"<{', '.join(d.data)}>")
     for t in result.tables:
         plain, _ = table_heading(t, "--max-rows")
         out.append(f"== {plain}")

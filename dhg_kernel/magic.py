@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
@@ -17,7 +18,7 @@ from traitlets import Bool, Enum, Float, Integer, List, Unicode, observe
 from . import files as files_mod
 from .config import (DATA_EXTENSIONS, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_PUSH_MB, DEFAULT_MAX_ROWS,
                      DEFAULT_TIMEOUT_S, default_backend, default_mode)
-from .display import format_mapping, show_in_ipython
+from .display import format_mapping, show_display, show_in_ipython
 from .result import CellResult, RemoteValue
 from .errors import DhvmError
 from .session import Session
@@ -48,7 +49,8 @@ class Dhvm(Magics):
     dtype_backend = Enum(list(DTYPE_BACKENDS), default_value=DEFAULT_DTYPE_BACKEND,
                          help="pandas dtypes for result tables: numpy_nullable, pyarrow or numpy.").tag(config=True)
     verbose = Bool(False, help="Print per-phase timings after every cell.").tag(config=True)
-    heap = Unicode("2g", help="JVM heap of the Deephaven server (-Xmx).").tag(config=True)
+    heap = Unicode("", help="JVM heap of a local Deephaven server (-Xmx; default 2g). A VM's heap is fixed by "
+                   "its snapshot: dhvm prepare --heap.").tag(config=True)
     mode = Enum(["per-session", "per-cell"], default_value=default_mode(),
                 help="per-session: one server for all cells; per-cell: a fresh server for every cell.").tag(config=True)
     pool_size = Integer(1, help="Per-cell mode: servers kept restored and ready in the background.").tag(config=True)
@@ -73,7 +75,8 @@ class Dhvm(Magics):
     @property
     def session(self) -> Session:
         if self._session is None:
-            options = {"heap": self.heap, **({"network": True} if self.network else {})}
+            # Only what the user set: an unset heap must not make status report a mismatch nobody asked for.
+            options = {**({"heap": self.heap} if self.heap else {}), **({"network": True} if self.network else {})}
             self._session = Session(self.backend, self.config_dir or None, mode=self.mode,
                                     pool_size=self.pool_size, **options)
         return self._session
@@ -171,11 +174,14 @@ class Dhvm(Magics):
         max_rows = args.max_rows if args.max_rows is not None else self.max_rows
         timeout = args.timeout if args.timeout is not None else self.timeout
         try:
+            if not args.per_cell:
+                self._start_with_notice()
             result = self.session.execute(
                 code, report.files, max_rows=max_rows if max_rows > 0 else None, timeout=timeout or None,
                 dtype_backend=self.dtype_backend, on_stdout=_writer(sys.stdout), on_stderr=_writer(sys.stderr),
                 # -o means "give me the table": the display limit does not cut it.
-                full_tables=[remote for _, remote in outputs], mode="per-cell" if args.per_cell else None)
+                full_tables=[remote for _, remote in outputs], mode="per-cell" if args.per_cell else None,
+                on_display=show_display)
         except DhvmError as e:
             raise DhvmUsageError(str(e)) from None
         except Exception as e:  # a backend that cannot start: say so, keep the kernel alive
@@ -189,6 +195,27 @@ class Dhvm(Magics):
             self._bind_outputs(result, outputs)
         show_in_ipython(result, quiet=args.quiet, verbose=args.verbose or self.verbose)
         return RemoteValue(result.value) if result.value is not None else None
+
+    def _start_with_notice(self) -> None:
+        """In per-session mode, a cell that has to wait for its server says so while it waits, and
+        then how long the start took (one line, updated in place)."""
+        s = self.session
+        if s.mode != "per-session" or s.running or self.shell is None:
+            return
+        from IPython.display import display
+
+        t0 = time.perf_counter()
+        handle = display({"text/plain": "dhvm: starting the Deephaven server…"}, raw=True, display_id=True)
+        try:
+            s.start()
+        except BaseException:
+            if handle is not None:
+                handle.update({"text/plain": "dhvm: the Deephaven server could not start"}, raw=True)
+            raise
+        if handle is not None:
+            where = s.backend_name if s.backend_name != "auto" else ""
+            handle.update({"text/plain": f"dhvm: {where + ' ' if where else ''}Deephaven server ready in "
+                                         f"{time.perf_counter() - t0:.1f} s"}, raw=True)
 
     def _bind_outputs(self, result: CellResult, outputs: list[tuple[str, str]]) -> None:
         if result.error is not None:

@@ -58,6 +58,10 @@ EV_TABLE = "table"
 EV_ERROR = "error"
 EV_DONE = "done"
 EV_RESULT = "result"
+# Rich output of the running cell (guest/rich.py): a MIME bundle (``data``, ``metadata``, ``transient``,
+# ``update``; binary values as {"$payload": i}), and a request to clear the cell's output (``wait``).
+EV_DISPLAY = "display"
+EV_CLEAR = "clear_output"
 # Unsolicited, from the VM's init: the agent process died (``reason``, ``status``, ``oom``); the
 # VM's agent stream is dead, whatever request was waiting on it.
 EV_AGENT_EXIT = "agent_exit"
@@ -85,6 +89,19 @@ class Frame:
 
     header: dict[str, Any]
     payloads: list[memoryview] = field(default_factory=list)
+
+
+def inline_payloads(data: dict[str, Any], payloads: Sequence) -> dict[str, Any]:
+    """A MIME bundle with its ``{"$payload": i}`` values replaced by base64 text (as Jupyter carries them)."""
+    import base64
+
+    out = {}
+    for mime, value in data.items():
+        if isinstance(value, dict) and set(value) == {"$payload"} and 0 <= value["$payload"] < len(payloads):
+            out[mime] = base64.b64encode(payloads[value["$payload"]]).decode("ascii")
+        else:
+            out[mime] = value
+    return out
 
 
 def encode(header: dict[str, Any], payloads: Sequence[bytes | bytearray | memoryview] = ()) -> list:

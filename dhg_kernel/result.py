@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -31,6 +33,8 @@ class TableResult:
     """True for a ticking table (a snapshot was sent)."""
     dtype_backend: str = "numpy_nullable"
     """How ``df`` maps Arrow types to pandas dtypes."""
+    snapshot_time: "datetime.datetime | None" = None
+    """For a ticking table: when the server took the snapshot that was sent (UTC)."""
 
     @cached_property
     def df(self) -> pd.DataFrame:
@@ -60,6 +64,34 @@ class ExecutionError:
 
 
 @dataclass
+class DisplayOutput:
+    """One piece of rich output a cell sent while it ran, in order with its stdout."""
+
+    kind: str
+    """``display`` (display_data), ``update`` (update_display_data), ``clear`` (clear_output) or
+    ``table`` (``display(t)`` of a Deephaven table)."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """MIME bundle (binary values base64-encoded, as Jupyter carries them)."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    transient: dict[str, Any] = field(default_factory=dict)
+    """``display_id`` for outputs that can be updated."""
+    wait: bool = False
+    """For ``clear``: clear when the next output arrives."""
+    table: TableResult | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "table" and self.table is not None:
+            out["table"] = self.table.name
+            out["data"] = {"text/plain": self.table.df.to_string(max_rows=20)}
+        elif self.kind == "clear":
+            out["wait"] = self.wait
+        else:
+            out.update(data=self.data, metadata=self.metadata, transient=self.transient)
+        return out
+
+
+@dataclass
 class CellResult:
     """Everything one cell produced."""
 
@@ -81,6 +113,8 @@ class CellResult:
     """Tables fetched whole on request (``-o NAME``), by name."""
     value: dict[str, str] | None = None
     """MIME bundle of the cell's last expression when it is not a table (``text/plain``, maybe ``text/html``)."""
+    displays: list[DisplayOutput] = field(default_factory=list)
+    """Rich output (``display()``, figures, ``clear_output``) in the order the cell made it."""
     status: str = "ok"
     """``ok``, ``error`` or ``cancelled``."""
     backend: str = ""
@@ -113,7 +147,8 @@ class CellResult:
             "error": None if self.error is None else {
                 "name": self.error.name, "value": self.error.value, "summary": self.error.summary,
                 "traceback": self.error.traceback},
-            "tables": tables, "value": self.value, "timings": self.timings, "files": self.files,
+            "tables": tables, "value": self.value, "displays": [d.to_dict() for d in self.displays],
+            "timings": self.timings, "files": self.files,
             "files_skipped": [list(s) for s in self.files_skipped], "backend": self.backend,
         }
 

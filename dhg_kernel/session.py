@@ -10,6 +10,7 @@ into a ``CellResult``. A dead agent becomes an error in the cell; the next cell 
 from __future__ import annotations
 
 import atexit
+import datetime
 import hashlib
 import os
 import signal
@@ -26,7 +27,7 @@ from .errors import AgentDied, AgentUnresponsive, AnswerAbandoned, DhvmError
 from .files import PushFile
 from .instances import reap_stale
 from .pool import WarmPool
-from .result import CellResult, ExecutionError, TableResult
+from .result import CellResult, DisplayOutput, ExecutionError, TableResult
 from .tables import read_ipc
 from .vm import Backend, Instance, choose_backend, get_backend
 from .vm.base import RestoredInstance
@@ -281,7 +282,8 @@ class Session:
     def execute(self, code: str, files: Sequence[PushFile] = (), *, max_rows: int | None = DEFAULT_MAX_ROWS,
                 timeout: float | None = None, dtype_backend: str = DEFAULT_DTYPE_BACKEND,
                 on_stdout: _Stream | None = None, on_stderr: _Stream | None = None,
-                full_tables: Sequence[str] = (), mode: str | None = None) -> CellResult:
+                full_tables: Sequence[str] = (), mode: str | None = None,
+                on_display: Callable[[DisplayOutput], None] | None = None) -> CellResult:
         """Run one cell; output is streamed to the callbacks as it arrives.
 
         ``full_tables`` are fetched whole (for ``-o``) from the same server before a per-cell VM goes;
@@ -297,7 +299,8 @@ class Session:
                 if on_stderr:
                     on_stderr(line)
             try:
-                result = self._run_cell(live, code, files, max_rows, timeout, dtype_backend, on_stdout, on_stderr)
+                result = self._run_cell(live, code, files, max_rows, timeout, dtype_backend, on_stdout, on_stderr,
+                                        on_display)
                 result.stderr = "".join(told) + result.stderr
                 if result.error is None:
                     self._fetch_full(live, result, full_tables, dtype_backend)
@@ -310,7 +313,7 @@ class Session:
 
     def _run_cell(self, live: Live, code: str, files: Sequence[PushFile], max_rows: int | None,
                   timeout: float | None, dtype_backend: str, on_stdout: _Stream | None,
-                  on_stderr: _Stream | None) -> CellResult:
+                  on_stderr: _Stream | None, on_display: Callable[[DisplayOutput], None] | None = None) -> CellResult:
         metas, datas, record = self._files_to_send(live, files)
         result = CellResult(backend=f"{self.backend_name} ({live.instance.id})", files=[m["path"] for m in metas])
         header = {"op": P.OP_EXEC, "code": code, "options": {"max_rows": max_rows}}
@@ -330,10 +333,25 @@ class Session:
                 err.append(h["text"])
                 if on_stderr:
                     on_stderr(h["text"])
+            elif kind == P.EV_TABLE and h.get("display"):
+                shown = DisplayOutput("table", table=_table_result(h, frame.payloads[0], dtype_backend))
+                result.displays.append(shown)
+                if on_display:
+                    on_display(shown)
             elif kind == P.EV_TABLE:
                 result.tables.append(_table_result(h, frame.payloads[0], dtype_backend))
+            elif kind in (P.EV_DISPLAY, P.EV_CLEAR):
+                if kind == P.EV_CLEAR:
+                    shown = DisplayOutput("clear", wait=bool(h.get("wait")))
+                else:
+                    shown = DisplayOutput("update" if h.get("update") else "display",
+                                        P.inline_payloads(h.get("data") or {}, frame.payloads),
+                                        h.get("metadata") or {}, h.get("transient") or {})
+                result.displays.append(shown)
+                if on_display:
+                    on_display(shown)
             elif kind == P.EV_RESULT:
-                result.value = h.get("data")
+                result.value = P.inline_payloads(h.get("data") or {}, frame.payloads)
             elif kind == P.EV_ERROR:
                 result.error = ExecutionError(h.get("name", "Error"), h.get("value", ""), h.get("traceback") or [],
                                               h.get("summary") or [])
@@ -527,16 +545,35 @@ def _death_message(e: AgentDied, backend: str) -> str:
 
 
 def _table_result(header: dict, payload, dtype_backend: str) -> TableResult:
+    snap_ns = header.get("snapshot_ns")
     return TableResult(name=header["name"], rows=header.get("rows", 0), arrow=read_ipc(payload),
                        columns=header.get("columns", []), truncated=bool(header.get("truncated")),
-                       refreshing=bool(header.get("refreshing")), dtype_backend=dtype_backend)
+                       refreshing=bool(header.get("refreshing")), dtype_backend=dtype_backend,
+                       snapshot_time=datetime.datetime.fromtimestamp(snap_ns / 1e9, datetime.timezone.utc)
+                       if snap_ns else None)
 
 
-def stop_all_sessions() -> None:
-    """Destroy every live session's instance (at exit and on SIGTERM)."""
+def stop_all_sessions(wait: float | None = None) -> None:
+    """Destroy every live session's instance (at exit and on SIGTERM).
+
+    ``wait``: how long to wait for a session that is busy (starting a VM in another thread, say);
+    past that, its instances are destroyed by their records, without the session's lock.
+    """
+    from .instances import destroy, list_instances
+
     for s in list(_live_sessions):
         try:
-            s.stop()
+            if wait is None:
+                s.stop()
+            elif s._lock.acquire(timeout=wait):
+                try:
+                    s.stop()
+                finally:
+                    s._lock.release()
+            else:
+                for rec in list_instances(s.layout):
+                    if rec.owner_pid == os.getpid():
+                        destroy(rec)
         except Exception:
             pass
 
@@ -557,7 +594,7 @@ def install_exit_hooks() -> None:
     _hooks_installed = "signal" if on_main else "atexit"
     if on_main and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         def on_term(signum, frame):
-            stop_all_sessions()
+            stop_all_sessions(wait=1.0)  # a VM still starting in another thread must not hold us up
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
 

@@ -35,8 +35,10 @@ from pathlib import Path
 
 try:
     from dhg_kernel import protocol as P
-except ImportError:  # inside the VM image protocol.py sits beside this file
+    from dhg_kernel.guest import rich
+except ImportError:  # inside the VM image protocol.py and rich.py sit beside this file
     import protocol as P  # type: ignore[no-redef]
+    import rich  # type: ignore[no-redef]
 
 AGENT_VERSION = "0.2.0"
 _ARROW_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
@@ -239,14 +241,19 @@ class Deephaven:
 
     def table_payload(self, name: str, table, max_rows: int | None) -> tuple[dict, bytes]:
         """A table event header and its Arrow payload, cut to ``max_rows``."""
+        snapshot_ns = None
         if table.is_refreshing:
             table = table.snapshot()  # one consistent view of a ticking table
+            snapshot_ns = time.time_ns()
         total = int(table.size)
         sent = table if max_rows is None or total <= max_rows else table.head(max_rows)
         ipc = self.arrow_ipc(sent)
-        header = {"ev": P.EV_TABLE, "name": name, **self.describe(table), "rows": total,
+        # (described as the table is: the snapshot itself does not tick)
+        header = {"ev": P.EV_TABLE, "name": name, **self.describe(table), "refreshing": snapshot_ns is not None,
+                  "rows": total,
                   "sent_rows": min(total, max_rows) if max_rows is not None else total,
-                  "truncated": max_rows is not None and total > max_rows}
+                  "truncated": max_rows is not None and total > max_rows,
+                  **({"snapshot_ns": snapshot_ns} if snapshot_ns else {})}
         return header, ipc
 
     def jvm_memory(self) -> dict:
@@ -402,8 +409,13 @@ class Agent:
 
     def warm_introspection(self) -> None:
         """Import and exercise jedi before the snapshot, so the first Tab in a clone answers at once."""
-        for code in ("import deephaven\ndeephaven.", "from deephaven import empty_table\nempty_table(1).up",
-                     "import os\nos.path.jo"):
+        # What the first Tabs of a session touch: the names of a module (which makes jedi read typing and
+        # types), Deephaven's API, a table's methods, the common data libraries, builtins.
+        for code in ("import os\nos.pa", "import os\nos.path.jo", "import sys\nsys.", "import typing\ntyping.",
+                     "import types\ntypes.", "import datetime\ndatetime.", "import collections\ncollections.",
+                     "import deephaven\ndeephaven.", "from deephaven import empty_table\nempty_table(1).up",
+                     "import numpy as np\nnp.", "import pandas as pd\npd.", "import matplotlib.pyplot as plt\nplt.",
+                     "pri"):
             try:
                 self.complete(code, len(code))
                 self.inspect(code, len(code) - 2, 0)
@@ -485,6 +497,16 @@ class Agent:
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         before = {n: id(v) for n, v in list(self.ns.items()) if self.dh.is_table(v)}
         last_value, last_name = None, None
+        displayed: set[int] = set()  # tables display() showed: not shown again at the end
+
+        def send_table(table, _kind: str) -> None:
+            displayed.add(id(table))
+            name = next((n for n, v in list(self.ns.items()) if v is table and not n.startswith("_")), "table")
+            head, ipc = self.dh.table_payload(name, table, max_rows)
+            _safe_send(conn, {**head, "re": re, "display": True}, [ipc])
+
+        rich.outlet.send_table = send_table
+        rich.outlet.begin(lambda h, p: _safe_send(conn, h, p), re)
         t1 = time.perf_counter()
         saved = sys.stdout, sys.stderr
         sys.stdout = EventStream(conn.send, re, P.EV_STDOUT)
@@ -498,11 +520,14 @@ class Agent:
             if last_expr is not None:
                 last_value = eval(compile(ast.Expression(last_expr.value), filename, "eval"), self.ns)
                 last_name = _expr_name(code, last_expr)
+            rich.patch_pyplot()
+            rich.flush_figures()  # figures the cell left open show at its end, as in a notebook
         except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt (cancel) and SystemExit included
             status = "cancelled" if isinstance(e, KeyboardInterrupt) else "error"
             with self.running_lock:
                 self.running = None
             _safe_send(conn, _cell_error_event(e, code, re))
+            _close_figures()
         finally:
             with self.running_lock:
                 self.running = None
@@ -512,11 +537,13 @@ class Agent:
         t2 = time.perf_counter()
         try:
             changed = [(n, v) for n, v in list(self.ns.items())
-                       if not n.startswith("_") and self.dh.is_table(v) and before.get(n) != id(v)]
+                       if not n.startswith("_") and self.dh.is_table(v) and before.get(n) != id(v)
+                       and id(v) not in displayed]
             if self.dh.is_table(last_value) and all(v is not last_value for _, v in changed):
                 changed.append((last_name, last_value))
             elif last_value is not None and not self.dh.is_table(last_value):
-                _safe_send(conn, {"ev": P.EV_RESULT, "re": re, "data": _mime_bundle(last_value)})
+                data, blobs = rich.result_bundle(last_value)
+                _safe_send(conn, {"ev": P.EV_RESULT, "re": re, "data": data}, blobs)
             for name, table in changed:
                 head, ipc = self.dh.table_payload(name, table, max_rows)
                 _safe_send(conn, {**head, "re": re}, [ipc])
@@ -525,6 +552,7 @@ class Agent:
             status = "error"
             _safe_send(conn, P.error_event(type(e).__name__, f"while fetching result tables: {e}",
                                            _cell_traceback(e), re=re))
+        rich.outlet.end()
         timings["fetch_ms"] = _ms(t2)
         timings["total_ms"] = _ms(t0)
         _safe_send(conn, {"ev": P.EV_DONE, "re": re, "status": status, "timings": timings, "tables": out_tables})
@@ -552,22 +580,18 @@ _COLUMN_CONTEXT = re.compile(r"(\w+)\s*\.\s*\w+\((?:[^()]*?)[\"']([^\"']*)$")
 _MAX_REPR = 100_000
 
 
-def _mime_bundle(value) -> dict:
-    """A small MIME bundle for a cell's last expression (text, and HTML when the object has it)."""
+def _safe_repr(value) -> str:
     try:
-        text = repr(value)
-    except Exception as e:  # noqa: BLE001 - a broken __repr__ must not fail the cell
-        text = f"<{type(value).__name__} (repr failed: {e})>"
-    data = {"text/plain": text[:_MAX_REPR]}
-    html_repr = getattr(value, "_repr_html_", None)
-    if callable(html_repr) and not isinstance(value, type):
-        try:
-            html_text = html_repr()
-            if isinstance(html_text, str):
-                data["text/html"] = html_text[:_MAX_REPR]
-        except Exception:  # noqa: BLE001
-            pass
-    return data
+        return repr(value)
+    except Exception as e:  # noqa: BLE001 - a broken __repr__ must not fail an inspection
+        return f"<{type(value).__name__} (repr failed: {e})>"
+
+
+def _close_figures() -> None:
+    """A failed cell's half-drawn figures are dropped, not shown with the next cell."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close("all")
 
 
 def _line_col(code: str, cursor_pos: int) -> tuple[int, int]:
@@ -648,7 +672,7 @@ def _agent_inspect(agent: "Agent", code: str, cursor_pos: int, detail_level: int
         except (TypeError, ValueError):
             pass
         if not callable(obj):
-            lines.append(f"Value: {_mime_bundle(obj)['text/plain'][:500]}")
+            lines.append(f"Value: {_safe_repr(obj)[:500]}")
     doc = pyinspect.getdoc(obj)
     if doc and (detail_level > 0 or not agent.dh.is_table(obj)):
         lines.append("Docstring:\n" + doc)
@@ -894,6 +918,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.owner_pid:
         threading.Thread(target=_watch_owner, args=(args.owner_pid,), name="dhg-owner", daemon=True).start()
 
+    # Figures are drawn off screen and shown in the notebook (rich.py); set before anything imports matplotlib.
+    os.environ.setdefault("MPLBACKEND", "Agg")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)  # Deephaven resolves relative paths (read_csv("data/x.csv")) against it
@@ -909,6 +935,10 @@ def main(argv: list[str] | None = None) -> None:
     # Also loads the reseeder's class and reflection before a snapshot, so a restore pays little for it.
     reseed_java(int.from_bytes(os.urandom(16), "big"))
     agent = Agent(workdir, dh, ns, Clock(enabled=args.sync_clock))
+    rich.install(ns)
+    rich.outlet.is_table = dh.is_table
+    rich.warm_up()
+    rich.patch_pyplot()
     agent.warm_introspection()
     where = args.socket or args.serial or f"vsock port {args.vsock_port}"
     _log(f"Deephaven {dh.version} ready in {dh.started_ms:.0f} ms; serving on {where}")

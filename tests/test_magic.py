@@ -14,6 +14,9 @@ pytestmark = pytest.mark.slow
 def run(ip, src):
     with capture_output() as cap:
         res = ip.run_cell(src)
+    # dhvm's own status line ("dhvm: … server ready in 0.3 s") is not the cell's output.
+    # (CapturedIO.outputs is rebuilt from _outputs on every access)
+    cap._outputs[:] = [o for o in cap._outputs if not o["data"].get("text/plain", "").startswith("dhvm: ")]
     return res, cap
 
 

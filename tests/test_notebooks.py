@@ -32,9 +32,14 @@ def run_notebook(runner: str, nb_name: str, tmp_path: Path, home: Path, *extra: 
     return nbformat.read(out, 4)
 
 
+def _notice(o) -> bool:
+    """dhvm's own status line ("dhvm: … server ready in 0.3 s"), not the cell's output."""
+    return o.output_type == "display_data" and o.get("data", {}).get("text/plain", "").startswith("dhvm: ")
+
+
 def outputs_of(nb, marker: str) -> list:
     cell = next(c for c in nb.cells if c.cell_type == "code" and marker in c.source)
-    return cell.outputs
+    return [o for o in cell.outputs if not _notice(o)]
 
 
 def all_text(nb) -> str:
