@@ -58,7 +58,7 @@ GUEST_PYTHON = "3.11"
 # pip download tries these tags for the guest (glibc 2.36): the newest a wheel offers wins.
 # What cells can use beyond Deephaven: IPython's display machinery and the plotting libraries
 # (pinned; the same pins are the host's `local` extra, for the local backend — a test checks).
-GUEST_PACKAGES = ("ipython==9.18.1", "matplotlib==3.11.2", "plotly==6.9.0", "deephaven-plugin-plotly-express==0.21.0")
+GUEST_WHEELS = ("ipython==9.18.1", "matplotlib==3.11.2", "plotly==6.9.0", "deephaven-plugin-plotly-express==0.21.0")
 WHEEL_PLATFORMS = ("manylinux_2_36_x86_64", "manylinux_2_34_x86_64", "manylinux_2_28_x86_64",
                    "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
                    "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64", "any")
@@ -342,7 +342,7 @@ class _Prepare:
     # -- 2. wheels ---------------------------------------------------------------------------------
 
     def wheels(self) -> None:
-        reqs = [f"deephaven-server=={self.dh_version}", *GUEST_PACKAGES]
+        reqs = [f"deephaven-server=={self.dh_version}", *GUEST_WHEELS]
         key = _key("wheels", reqs, GUEST_PYTHON, WHEEL_PLATFORMS)
         manifest = self.art.wheels / "manifest.json"
 
@@ -382,7 +382,7 @@ class _Prepare:
                          "run: dhvm prepare --rebuild (the debootstrap tree may be damaged)", env=CHROOT_ENV)
                 self.run("venv", ["chroot", str(tree), "/opt/dhg/venv/bin/pip", "install", "--no-index",
                                   "--no-cache-dir", "--disable-pip-version-check", "--find-links", "/tmp/dhg-wheels",
-                                  f"deephaven-server=={self.dh_version}", *GUEST_PACKAGES],
+                                  f"deephaven-server=={self.dh_version}", *GUEST_WHEELS],
                          "a wheel may be missing for the guest's Python; run: dhvm prepare --rebuild", env=CHROOT_ENV)
             finally:
                 shutil.rmtree(inbox, ignore_errors=True)

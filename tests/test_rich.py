@@ -173,3 +173,57 @@ def test_a_table_in_the_notebook_has_no_second_size_footer(ip):
     html = "".join(o.data.get("text/html", "") for o in cap.outputs)
     assert "50 rows × 1 columns" in html and "showing the first 5 of 50 rows" in html
     assert "5 rows × 1 columns" not in html.replace("50 rows × 1 columns", ""), "pandas' own footer is gone"
+
+
+# -- in a QEMU microVM --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def vm(qemu_home):
+    from dhg_kernel.session import Session
+
+    s = Session("qemu", qemu_home)
+    yield s
+    s.stop()
+
+
+@pytest.mark.qemu
+def test_rich_output_and_figures_in_a_vm(vm):
+    r, seen = _run(vm, """
+from IPython.display import HTML
+display(HTML("<b>vm</b>"))
+import matplotlib.pyplot as plt
+plt.plot([1, 2], [2, 1])
+from deephaven import empty_table
+import deephaven.plot.express as dx
+src = empty_table(3).update(["X = i", "Y = i * 2"])
+dx.scatter(src, x="X", y="Y")
+""")
+    shown = [x for x in seen if not isinstance(x, tuple)]
+    assert shown[0].data["text/html"] == "<b>vm</b>"
+    assert base64.b64decode(shown[-1].data["image/png"]).startswith(PNG_MAGIC)
+    assert r.value["application/vnd.plotly.v1+json"]["data"][0]["type"].startswith("scatter")
+
+
+@pytest.mark.qemu
+def test_the_first_tab_in_a_fresh_vm_answers_and_the_state_survives(vm):
+    import time
+
+    vm.execute("from deephaven import empty_table\nt = empty_table(3)")
+    t0 = time.monotonic()
+    reply = vm.complete("import os\nos.pa", 15)
+    took = time.monotonic() - t0
+    print(f"first completion in a fresh VM: {took * 1000:.0f} ms")
+    assert "path" in reply["matches"], "answered within the question deadline (jedi warmed before the snapshot)"
+    assert "update" in vm.complete("t.upd", 5)["matches"]
+    assert vm.execute("print(t.size)").stdout == "3\n"
+
+
+def test_the_images_plotting_wheels_are_the_local_extras_pins():
+    import tomllib
+    from pathlib import Path
+
+    from dhg_kernel.image import GUEST_WHEELS
+
+    extra = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]["local"]
+    assert set(GUEST_WHEELS) <= set(extra), (GUEST_WHEELS, extra)
