@@ -1,0 +1,363 @@
+"""What a notebook user sees in a real JupyterLab: Debian's Chromium (driven by Playwright, never a
+browser download) opens `jupyter lab`, picks "Deephaven microVM" in the launcher and runs cells the
+way a user does (typed into the cell editor, Shift+Enter); the checks read the rendered DOM.
+
+The tests of one backend share one JupyterLab and one notebook and run in file order: the first
+cell makes the table ``t`` that later cells use. Screenshots land in build/test-artifacts/
+(jupyterlab-<backend>-<step>.png)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dhg_kernel.config import Layout
+from dhg_kernel.instances import alive, list_instances, proc_start_time
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "build" / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"]
+FIRST_OUTPUT_S = 180  # the first cell waits for the server (local: 10-30 s; qemu: a restore, then emulated cells)
+CELL_S = 120  # later cells: a never-compiled formula takes seconds under emulation
+
+
+# ---------------------------------------------------------------- the JupyterLab server
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> dict[int, int]:
+    """{pid: start time} of every live process below ``pid`` (the kernels, watchdogs, agents, VMs)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text(errors="replace")
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = {}, list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        start = proc_start_time(p)
+        if start is not None:
+            found[p] = start
+        todo += children.get(p, [])
+    return found
+
+
+class Lab:
+    """A `jupyter lab` subprocess of the test's own, and its REST API."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]):
+        self.port, self.token = _free_port(), secrets.token_hex(16)
+        self.url = f"http://127.0.0.1:{self.port}"
+        root, settings = workdir / "notebooks", workdir / "lab-settings"
+        root.mkdir()
+        # No "Would you like to get notified about official Jupyter news?" toast over the screenshots.
+        (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
+        (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
+            json.dumps({"fetchNews": "false"}))
+        env = {**env, "JUPYTER_CONFIG_DIR": str(workdir / "config"), "JUPYTER_DATA_DIR": str(workdir / "data"),
+               "JUPYTER_RUNTIME_DIR": str(workdir / "runtime"), "IPYTHONDIR": str(workdir / "ipython")}
+        argv = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={self.port}",
+                f"--ServerApp.token={self.token}", f"--ServerApp.root_dir={root}",
+                f"--LabApp.user_settings_dir={settings}", f"--LabApp.workspaces_dir={workdir / 'workspaces'}",
+                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+        if os.geteuid() == 0:
+            argv.append("--allow-root")
+        self.log = workdir / "jupyterlab.log"
+        self._log_fh = open(self.log, "wb")
+        self.proc = subprocess.Popen(argv, env=env, stdout=self._log_fh, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def api(self, path: str, method: str = "GET"):
+        req = urllib.request.Request(f"{self.url}/api/{path}", method=method,
+                                     headers={"Authorization": f"token {self.token}"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            body = r.read()
+        return json.loads(body) if body else None
+
+    def wait_ready(self, timeout_s: float = 90) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"jupyter lab exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                self.api("status")
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"jupyter lab did not answer in {timeout_s} s:\n{self.log.read_text()[-3000:]}")
+                time.sleep(0.2)
+
+    def shutdown_kernels(self) -> None:
+        for k in self.api("kernels"):
+            self.api(f"kernels/{k['id']}", method="DELETE")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # the server shuts its remaining kernels down on SIGTERM
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log_fh.close()
+
+
+# ---------------------------------------------------------------- the notebook in the browser
+
+class Notebook:
+    """One notebook page: type a cell, run it, and find its rendered outputs."""
+
+    def __init__(self, page, backend: str):
+        self.page, self.backend = page, backend
+        self.cells = page.locator(".jp-Notebook .jp-Cell")
+
+    def shot(self, step: str) -> None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / f"jupyterlab-{self.backend}-{step}.png"))
+
+    def type_in_last_cell(self, code: str):
+        """Put ``code`` in the (empty) last cell's editor, as pasted text; returns that cell."""
+        cell = self.cells.nth(self.cells.count() - 1)
+        cell.locator(".cm-content").click()
+        self.page.keyboard.insert_text(code)  # no auto-indent or bracket closing in the way
+        return cell
+
+    def run(self, code: str, timeout_s: float = CELL_S):
+        """Run ``code`` in a new cell (Shift+Enter) and wait until it finished (its prompt shows its
+        execution count instead of ``[*]``); returns the cell, whose outputs are rendered by then."""
+        cell = self.type_in_last_cell(code)
+        self.page.keyboard.press("Shift+Enter")
+        prompt = cell.locator(".jp-InputPrompt")
+        prompt.filter(has_text=re.compile(r"\[\d+\]")).wait_for(timeout=timeout_s * 1000)
+        return cell
+
+    @staticmethod
+    def outputs(cell, mime: str | None = None):
+        sel = ".jp-OutputArea-output" + (f'[data-mime-type="{mime}"]' if mime else "")
+        return cell.locator(sel)
+
+
+def _dataframe_values(table) -> list[list[str]]:
+    """The body cells of a rendered pandas DataFrame, row by row (without the index column)."""
+    return table.evaluate("t => [...t.querySelectorAll('tbody tr')].map("
+                          "r => [...r.querySelectorAll('td')].map(c => c.textContent.trim()))")
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (make test does)")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; make test does as root)")
+    if importlib.util.find_spec("jupyterlab") is None:
+        pytest.skip("jupyterlab is not installed (pip install -e '.[test]')")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module", params=["local", pytest.param("qemu", marks=pytest.mark.qemu)])
+def lab(request, browser, jupyter_path, tmp_path_factory):
+    """A JupyterLab whose kernels run cells on ``request.param``'s backend, with the dhvm kernelspec."""
+    backend = request.param
+    workdir = tmp_path_factory.mktemp(f"jupyterlab-{backend}")
+    home = request.getfixturevalue("qemu_home") if backend == "qemu" else workdir / "dhg-home"
+    env = {**os.environ, "JUPYTER_PATH": jupyter_path, "DHG_HOME": str(home), "DHG_BACKEND": backend}
+    lab = Lab(workdir, env)
+    lab.backend, lab.home = backend, home
+    try:
+        lab.wait_ready()
+        yield lab
+    finally:
+        try:
+            lab.shutdown_kernels()
+        except OSError:
+            pass
+        lab.stop()
+        print(f"\n[jupyterlab-{backend}] log: {lab.log}")
+
+
+@pytest.fixture(scope="module")
+def notebook(lab, browser):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=15_000)  # rendering on a busy machine (cells have their own, longer, waits)
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = ctx.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(f"{lab.url}/lab?token={lab.token}")
+    yield Notebook(page, lab.backend)
+    ctx.close()
+    expect.set_options(timeout=5_000)  # Playwright's default
+
+
+# ---------------------------------------------------------------- the user's session, in order
+
+def test_the_launcher_offers_a_deephaven_microvm_notebook(notebook):
+    from playwright.sync_api import expect
+
+    page = notebook.page
+    tile = page.locator('.jp-LauncherCard[data-category="Notebook"][title="Deephaven microVM"]')
+    expect(tile).to_be_visible(timeout=90_000)
+    expect(tile.locator("img")).to_have_attribute("src", re.compile(r"/kernelspecs/dhvm/logo"))
+    notebook.shot("1-launcher")
+    tile.click()
+    expect(page.locator(".jp-Notebook .jp-Cell .cm-content").first).to_be_visible()
+    expect(page.locator(".jp-NotebookPanel-toolbar")).to_contain_text("Deephaven microVM")
+    notebook.shot("2-notebook")
+
+
+def test_a_table_renders_as_a_dataframe_under_its_name_and_size(notebook):
+    from playwright.sync_api import expect
+
+    cell = notebook.run('from deephaven import empty_table\nt = empty_table(5).update(["X = i", "Y = X * 2"])',
+                        timeout_s=FIRST_OUTPUT_S)
+    notebook.shot("3-table")
+    heading = notebook.outputs(cell, "text/html").locator("h4")
+    expect(heading).to_have_count(1)
+    expect(heading.locator("code")).to_have_text("t")
+    expect(heading).to_contain_text("5 rows")
+    table = notebook.outputs(cell, "text/html").locator("table.dataframe")
+    expect(table).to_have_count(1)
+    expect(table.locator("thead")).to_contain_text("X")
+    assert _dataframe_values(table) == [[str(i), str(2 * i)] for i in range(5)]
+    expect(notebook.outputs(cell, "application/vnd.jupyter.stderr")).to_have_count(0)
+
+
+def test_html_and_a_displayed_table_render(notebook):
+    from playwright.sync_api import expect
+
+    cell = notebook.run('from IPython.display import HTML\ndisplay(HTML("<b id=\'dhg-html\'>hello</b>"))\ndisplay(t)')
+    notebook.shot("4-html")
+    bold = notebook.outputs(cell, "text/html").locator("b#dhg-html")
+    expect(bold).to_have_text("hello")
+    table = notebook.outputs(cell, "text/html").locator("table.dataframe")
+    expect(table).to_have_count(1)
+    assert _dataframe_values(table) == [[str(i), str(2 * i)] for i in range(5)]
+    expect(notebook.outputs(cell, "text/html").locator("h4 code")).to_have_text("t")
+    # in the order the cell made them: the HTML first, then the table's heading and the table
+    mimes = notebook.outputs(cell).evaluate_all("els => els.map(e => e.innerHTML)")
+    assert "dhg-html" in mimes[0] and "dataframe" in mimes[-1], mimes
+
+
+def test_matplotlib_shows_an_inline_png(notebook):
+    from playwright.sync_api import expect
+
+    cell = notebook.run("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [3, 1, 2])")
+    notebook.shot("5-matplotlib")
+    img = notebook.outputs(cell, "image/png").locator("img")
+    expect(img).to_have_count(1)
+    expect(img).to_have_attribute("src", re.compile(r"^data:image/png;base64,iVBOR"))
+    assert img.evaluate("i => i.complete && i.naturalWidth > 100 && i.naturalHeight > 100"), "the PNG decodes"
+
+
+def test_plotly_renders_an_interactive_plot(notebook):
+    from playwright.sync_api import expect
+
+    if importlib.util.find_spec("plotly") is None:
+        pytest.skip("plotly is not installed on the host, so JupyterLab has no plotly renderer (pip install -e '.[local]')")
+    cell = notebook.run("import plotly.express as px\npx.line(x=[1, 2, 3], y=[3, 1, 2])")
+    # JupyterLab's plotly mime renderer (the jupyterlab-plotly extension of the host's plotly
+    # package), not the text/html fallback: the output widget is a jp-RenderedPlotly.
+    plot = cell.locator(".jp-OutputArea-output.jp-RenderedPlotly")
+    expect(plot).to_have_count(1)
+    expect(plot).to_have_class(re.compile(r"\bjs-plotly-plot\b"))
+    expect(plot.locator(".plot-container .main-svg").first).to_be_visible()
+    expect(plot.locator(".scatterlayer .trace path.js-line")).to_have_count(1)  # the line is drawn
+    expect(plot.locator(".modebar")).to_have_count(1)  # the interactive toolbar (zoom, pan…)
+    expect(notebook.outputs(cell, "text/html")).to_have_count(0)
+    notebook.shot("6-plotly")
+
+
+def test_tab_completion_lists_vm_methods_and_the_state_survives(notebook):
+    from playwright.sync_api import expect
+
+    page = notebook.page
+    cell = notebook.cells.nth(notebook.cells.count() - 1)
+    cell.locator(".cm-content").click()
+    page.keyboard.type("t.upd")
+    page.keyboard.press("Tab")
+    completer = page.locator(".jp-Completer")
+    expect(completer).to_be_visible(timeout=CELL_S * 1000)
+    expect(completer.locator('.jp-Completer-item[data-value="update"]')).to_have_count(1)
+    notebook.shot("7-completion")
+    page.keyboard.press("Escape")
+    expect(completer).to_be_hidden()
+    # the same cell, its text replaced: print(t.size)
+    cell.locator(".cm-content").click()
+    page.keyboard.press("ControlOrMeta+a")
+    page.keyboard.press("Delete")
+    expect(cell.locator(".cm-content")).to_have_text("")
+    cell = notebook.run("print(t.size)")
+    notebook.shot("8-after-completion")
+    expect(notebook.outputs(cell)).to_have_count(1)
+    expect(notebook.outputs(cell, "application/vnd.jupyter.stdout")).to_have_text("5\n")
+
+
+def test_an_error_shows_the_deephaven_summary_before_the_java_trace(notebook):
+    from playwright.sync_api import expect
+
+    cell = notebook.run('t2 = t.update("Z = nosuch + 1")')
+    err = notebook.outputs(cell, "application/vnd.jupyter.stderr")
+    expect(err).to_have_count(1)
+    err.evaluate("e => e.scrollIntoView({block: 'start'})")  # the screenshot shows what a user reads first
+    notebook.shot("9-error")
+    lines = [line.strip() for line in err.inner_text().splitlines()]
+    assert "--- in the Deephaven VM ---" in lines, lines[:10]
+    after = lines[lines.index("--- in the Deephaven VM ---") + 1:]
+    print("\n".join(["[error output, first lines]", *after[:5]]))
+    head = after[:3]
+    assert any("Cannot find variable or class nosuch" in line for line in head), head
+    assert any("nosuch + 1" in line for line in head), head
+    java = [i for i, line in enumerate(after) if line.startswith("at io.deephaven.")]
+    assert len(java) > 10, "the whole Java trace is still there, for whoever needs it"
+    assert "--- full traceback ---" in after[:java[0]], f"the summary comes first, then the trace: {after[:java[0] + 1]}"
+
+
+def test_shutting_the_kernel_down_leaves_no_process(lab, notebook):
+    (kernel,) = lab.api("kernels")
+    assert kernel["name"] == "dhvm"
+    (kernel_pid,) = [p for p in _descendants(lab.proc.pid)
+                     if f"kernel-{kernel['id']}.json".encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
+    (instance,) = [i for i in list_instances(Layout(lab.home)) if i.owner_pid == kernel_pid]
+    assert instance.backend == lab.backend and instance.processes, instance
+    assert all(alive(p.pid, p.start_time) for p in instance.processes), instance
+    # the kernel, its watchdog, the agent or the VM; and whatever the instance recorded as its own
+    procs = {kernel_pid: proc_start_time(kernel_pid), **_descendants(kernel_pid),
+             **{p.pid: p.start_time for p in instance.processes}}
+    lab.shutdown_kernels()
+    assert lab.api("kernels") == []
+    deadline = time.monotonic() + 30
+    while (left := {p: s for p, s in procs.items() if alive(p, s)}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes left after the kernel shut down: {left}"
+    assert not Path(instance.dir).exists(), "the instance's run directory is removed"
+    assert [i for i in list_instances(Layout(lab.home)) if i.owner_pid == kernel_pid] == []
+    lab.stop()
+    assert lab.proc.returncode is not None
