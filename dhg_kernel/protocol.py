@@ -62,6 +62,8 @@ EV_RESULT = "result"
 # ``update``; binary values as {"$payload": i}), and a request to clear the cell's output (``wait``).
 EV_DISPLAY = "display"
 EV_CLEAR = "clear_output"
+# In a MIME bundle: a Deephaven widget (a Figure) by the variable holding it; the host makes it a link.
+MIME_DEEPHAVEN_WIDGET = "application/vnd.dhg.deephaven-widget+json"
 # Unsolicited, from the VM's init: the agent process died (``reason``, ``status``, ``oom``); the
 # VM's agent stream is dead, whatever request was waiting on it.
 EV_AGENT_EXIT = "agent_exit"

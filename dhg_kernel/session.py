@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import html
+import urllib.parse
 import hashlib
 import os
 import signal
@@ -345,13 +347,13 @@ class Session:
                     shown = DisplayOutput("clear", wait=bool(h.get("wait")))
                 else:
                     shown = DisplayOutput("update" if h.get("update") else "display",
-                                        P.inline_payloads(h.get("data") or {}, frame.payloads),
-                                        h.get("metadata") or {}, h.get("transient") or {})
+                                          self._widget_links(P.inline_payloads(h.get("data") or {}, frame.payloads)),
+                                          h.get("metadata") or {}, h.get("transient") or {})
                 result.displays.append(shown)
                 if on_display:
                     on_display(shown)
             elif kind == P.EV_RESULT:
-                result.value = P.inline_payloads(h.get("data") or {}, frame.payloads)
+                result.value = self._widget_links(P.inline_payloads(h.get("data") or {}, frame.payloads))
             elif kind == P.EV_ERROR:
                 result.error = ExecutionError(h.get("name", "Error"), h.get("value", ""), h.get("traceback") or [],
                                               h.get("summary") or [])
@@ -486,6 +488,27 @@ class Session:
         if port is None:
             port = (self.info.get("server") or {}).get("port")  # a local agent's own
         return ("127.0.0.1", int(port)) if port else None
+
+    def widget_url(self, name: str) -> str | None:
+        """The web UI's view of one widget (a Deephaven Figure) by the variable that holds it."""
+        addr = self.deephaven_address()
+        if addr is None:
+            return None
+        key = self.live.instance.key if self.live else None
+        return (f"http://{addr[0]}:{addr[1]}/iframe/widget/?name={urllib.parse.quote(name)}"
+                + (f"&psk={key}" if key else ""))
+
+    def _widget_links(self, data: dict) -> dict:
+        """A bundle naming a Deephaven widget gets a link to it in the server's web UI."""
+        spec = data.get(P.MIME_DEEPHAVEN_WIDGET)
+        name = spec.get("name") if isinstance(spec, dict) else None
+        url = self.widget_url(name) if name else None
+        if not url:
+            return data
+        lasts = " (per-cell mode: the server is gone after this cell)" if self.mode == "per-cell" else ""
+        label = html.escape(f"Deephaven figure {name}: open it in the web UI{lasts}")
+        return {**data, "text/plain": f"Deephaven figure {name}: {url}{lasts}",
+                "text/html": f'<a href="{html.escape(url)}" target="_blank" rel="noopener">{label}</a>'}
 
     def deephaven_url(self) -> str | None:
         """The web IDE of the session's server, logged in with this instance's key (give it to no one)."""

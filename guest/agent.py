@@ -496,6 +496,7 @@ class Agent:
         code = header.get("code", "")
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         before = {n: id(v) for n, v in list(self.ns.items()) if self.dh.is_table(v)}
+        before_figures = {n: id(v) for n, v in list(self.ns.items()) if rich.is_deephaven_figure(v)}
         last_value, last_name = None, None
         displayed: set[int] = set()  # tables display() showed: not shown again at the end
 
@@ -541,9 +542,17 @@ class Agent:
                        and id(v) not in displayed]
             if self.dh.is_table(last_value) and all(v is not last_value for _, v in changed):
                 changed.append((last_name, last_value))
+            elif rich.is_deephaven_figure(last_value):
+                name = last_name if last_name and last_name.isidentifier() else None
+                _safe_send(conn, {"ev": P.EV_RESULT, "re": re, "data": rich.deephaven_figure_bundle(last_value, name=name)})
             elif last_value is not None and not self.dh.is_table(last_value):
                 data, blobs = rich.result_bundle(last_value)
                 _safe_send(conn, {"ev": P.EV_RESULT, "re": re, "data": data}, blobs)
+            # Deephaven Figures the cell made (or rebound) and did not return: a link each, like tables.
+            for n, v in list(self.ns.items()):
+                if not n.startswith("_") and rich.is_deephaven_figure(v) and before_figures.get(n) != id(v) \
+                        and v is not last_value:
+                    rich.publish(rich.deephaven_figure_bundle(v, name=n))
             for name, table in changed:
                 head, ipc = self.dh.table_payload(name, table, max_rows)
                 _safe_send(conn, {**head, "re": re}, [ipc])

@@ -108,11 +108,20 @@ def deephaven_express_bundle(fig, include=None, exclude=None) -> dict:
     return plotly_bundle(fig.get_hydrated_figure())
 
 
-def deephaven_figure_bundle(fig, include=None, exclude=None) -> dict:
-    """A Deephaven ``Figure`` draws in the server's web UI: say so (the host adds the link)."""
-    return {"text/plain": "<Deephaven Figure: assign it to a variable and open it in the web IDE "
-                          "(the link is in %dhvm status)>",
-            "application/vnd.dhg.deephaven-figure+json": {"kind": "Figure"}}
+WIDGET_MIME = "application/vnd.dhg.deephaven-widget+json"
+
+
+def deephaven_figure_bundle(fig, include=None, exclude=None, name: str | None = None) -> dict:
+    """A Deephaven ``Figure`` draws in the server's web UI, by the variable that holds it. The host,
+    which knows the server's address and key, turns ``WIDGET_MIME`` into a link to it."""
+    return {"text/plain": f"<Deephaven Figure{' ' + name if name else ''}: open it in the web UI "
+                          f"({'its link is added by the host' if name else 'assign it to a variable first'})>",
+            WIDGET_MIME: {"kind": "Figure", "name": name}}
+
+
+def is_deephaven_figure(obj) -> bool:
+    cls = type(obj)
+    return cls.__name__ == "Figure" and cls.__module__ == "deephaven.plot.figure"
 
 
 def _split_binary(data: dict) -> tuple[dict, list]:

@@ -227,3 +227,27 @@ def test_the_images_plotting_wheels_are_the_local_extras_pins():
 
     extra = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]["local"]
     assert set(GUEST_WHEELS) <= set(extra), (GUEST_WHEELS, extra)
+
+
+def test_a_deephaven_figure_gives_a_working_link_to_the_web_ui(session):
+    import urllib.request
+
+    from dhg_kernel import protocol as P
+    from dhg_kernel.guest import rich
+
+    assert rich.WIDGET_MIME == P.MIME_DEEPHAVEN_WIDGET
+    r, seen = _run(session, """
+from deephaven import empty_table
+from deephaven.plot.figure import Figure
+pts = empty_table(5).update(["X = i", "Y = i * 2"])
+chart = Figure().plot_xy(series_name="s", t=pts, x="X", y="Y").show()
+chart
+""")
+    url = session.widget_url("chart")
+    assert r.value["text/plain"].startswith(f"Deephaven figure chart: {url}") and url in r.value["text/html"].replace("&amp;", "&")
+    assert "/iframe/widget/?name=chart&psk=" in url
+    with urllib.request.urlopen(url.split("&psk=")[0], timeout=30) as resp:
+        assert resp.status == 200 and b"<html" in resp.read().lower()
+    r, seen = _run(session, "chart2 = Figure().plot_xy(series_name='s', t=pts, x='X', y='Y').show()")
+    links = [d for d in seen if not isinstance(d, tuple) and "name=chart2" in d.data.get("text/html", "")]
+    assert len(links) == 1, "a figure assigned in a cell gets its link too"

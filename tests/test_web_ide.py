@@ -61,3 +61,21 @@ def test_the_web_ide_link_logs_in_with_the_instance_key_and_nothing_else_does(br
         assert "Console" in text and "Login" not in text
     finally:
         s.stop()
+
+
+def test_a_deephaven_figures_link_opens_the_chart(browser, dhg_home):
+    from dhg_kernel.session import Session
+
+    s = Session("local", dhg_home, heap="768m")
+    try:
+        r = s.execute("from deephaven import empty_table\nfrom deephaven.plot.figure import Figure\n"
+                      "pts = empty_table(5).update(['X = i', 'Y = i * 2'])\n"
+                      "chart = Figure().plot_xy(series_name='s', t=pts, x='X', y='Y').show()\nchart")
+        assert r.ok, r.error
+        url = s.widget_url("chart")
+        assert url in r.value["text/html"].replace("&amp;", "&")
+        _open(browser, url, "deephaven-figure-link.png", ".js-plotly-plot")
+        text = _open(browser, url.split("&psk=")[0], "deephaven-figure-no-key.png", "#auth-psk-token-input")
+        assert "Login" in text, "without the key the chart is not shown"
+    finally:
+        s.stop()
