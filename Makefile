@@ -37,6 +37,7 @@ test: setup
 bench: setup
 	$(PY) bench/bench_local.py
 	$(PY) bench/bench_qemu.py
+	$(PY) bench/bench_rich.py
 
 clean:
 	rm -rf build .pytest_cache
