@@ -102,14 +102,16 @@ class AgentClient:
         try:
             # The host's clock travels with every request (see the agent's Clock).
             self.stream.send({**header, "now_ns": time.time_ns()}, payloads)
-        except P.ProtocolError as e:
-            if "header" in str(e) and header.get("op") == P.OP_EXEC:
+        except P.HeaderTooLarge as e:
+            if header.get("op") == P.OP_EXEC:
                 size = len(header.get("code", "").encode())
                 raise CellTooLarge(
                     f"this cell is {size / 2**20:.1f} MiB of code, over the {P.MAX_HEADER_BYTES / 2**20:.0f} MiB a "
                     f"cell's code may take (it travels in one request header). Put the data in a workspace "
                     f"file instead (e.g. data.json or data.csv) and read it in the cell: files the cell names "
                     f"are pushed as payloads, up to --max-push-mb (50 MiB by default).") from None
+            raise DhvmError(f"could not send the request: {e}") from None
+        except P.ProtocolError as e:
             raise DhvmError(f"could not send the request: {e}") from None
         except OSError as e:
             self._die(f"connection to the agent lost: {e}", None)

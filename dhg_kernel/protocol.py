@@ -81,6 +81,10 @@ class ProtocolError(Exception):
         self.recoverable = recoverable
 
 
+class HeaderTooLarge(ProtocolError):
+    """A frame to send has a header over MAX_HEADER_BYTES (the sender can say what to do instead)."""
+
+
 class ConnectionClosed(EOFError):
     """The peer closed the stream (cleanly between frames, or in the middle of one)."""
 
@@ -110,7 +114,7 @@ def encode(header: dict[str, Any], payloads: Sequence[bytes | bytearray | memory
     """Encode a frame as a list of buffers to write in order (payloads are not copied)."""
     head = json.dumps(header, separators=(",", ":"), default=str).encode()
     if len(head) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"frame header is {len(head)} bytes, over the {MAX_HEADER_BYTES} limit")
+        raise HeaderTooLarge(f"frame header is {len(head)} bytes, over the {MAX_HEADER_BYTES} limit")
     if len(payloads) > MAX_PAYLOADS:
         raise ProtocolError(f"frame has {len(payloads)} payloads, over the {MAX_PAYLOADS} limit")
     sizes = [memoryview(p).nbytes for p in payloads]

@@ -586,7 +586,6 @@ def _expr_name(code: str, node: ast.expr) -> str:
 
 
 _COLUMN_CONTEXT = re.compile(r"(\w+)\s*\.\s*\w+\((?:[^()]*?)[\"']([^\"']*)$")
-_MAX_REPR = 100_000
 
 
 def _safe_repr(value) -> str:

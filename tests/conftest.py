@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Screenshots of the browser tests.
+ARTIFACTS = ROOT / "build" / "test-artifacts"
 sys.path.insert(0, str(ROOT))
 
 
@@ -94,3 +97,29 @@ def qemu_home() -> Path:
     except PrepareError as e:
         pytest.fail(f"could not prepare the QEMU image: {e}")
     return home
+
+
+@pytest.fixture
+def vm(qemu_home):
+    """A session on a freshly restored microVM."""
+    from dhg_kernel.session import Session
+
+    s = Session(backend="qemu", config_dir=qemu_home)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium, headless, driven by Playwright (never a browser download)."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (make test does)")
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.access(chromium, os.X_OK):
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; make test does as root)")
+    # Without the background-networking flags Chromium keeps trying hosts this closed network refuses.
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"]
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=args)
+        yield b
+        b.close()

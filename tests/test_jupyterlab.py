@@ -23,15 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ARTIFACTS
 from dhg_kernel.config import Layout
 from dhg_kernel.instances import alive, list_instances, proc_start_time
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "build" / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"]
 FIRST_OUTPUT_S = 180  # the first cell waits for the server (local: 10-30 s; qemu: a restore, then emulated cells)
 CELL_S = 120  # later cells: a never-compiled formula takes seconds under emulation
 
@@ -170,20 +167,15 @@ def _dataframe_values(table) -> list[list[str]]:
 # ---------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def browser():
-    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (make test does)")
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; make test does as root)")
+def lab_browser(browser):
+    """The shared Chromium, where JupyterLab can be served."""
     if importlib.util.find_spec("jupyterlab") is None:
         pytest.skip("jupyterlab is not installed (pip install -e '.[test]')")
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-        yield b
-        b.close()
+    return browser
 
 
 @pytest.fixture(scope="module", params=["local", pytest.param("qemu", marks=pytest.mark.qemu)])
-def lab(request, browser, jupyter_path, tmp_path_factory):
+def lab(request, lab_browser, jupyter_path, tmp_path_factory):
     """A JupyterLab whose kernels run cells on ``request.param``'s backend, with the dhvm kernelspec."""
     backend = request.param
     workdir = tmp_path_factory.mktemp(f"jupyterlab-{backend}")
@@ -204,11 +196,11 @@ def lab(request, browser, jupyter_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def notebook(lab, browser):
+def notebook(lab, lab_browser):
     from playwright.sync_api import expect
 
     expect.set_options(timeout=15_000)  # rendering on a busy machine (cells have their own, longer, waits)
-    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    ctx = lab_browser.new_context(viewport={"width": 1400, "height": 1000})
     page = ctx.new_page()
     page.set_default_timeout(60_000)
     page.goto(f"{lab.url}/lab?token={lab.token}")

@@ -88,16 +88,6 @@ def test_qmp_client_negotiates_capabilities_and_queues_events(tmp_path):
 # -- real VMs -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def vm(qemu_home):
-    """A session on a freshly restored microVM."""
-    from dhg_kernel.session import Session
-
-    s = Session(backend="qemu", config_dir=qemu_home)
-    yield s
-    s.stop()
-
-
 @pytest.mark.qemu
 def test_restore_runs_a_cell_and_streams_print_output(vm):
     r = vm.execute("import platform\nprint('hello from', platform.node())")

@@ -302,15 +302,6 @@ def test_a_kernel_killed_with_its_vm_warming_in_the_background_leaves_no_vm(how,
 # -- QEMU microVMs ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def vm(qemu_home):
-    from dhg_kernel.session import Session
-
-    s = Session("qemu", qemu_home)
-    yield s
-    s.stop()
-
-
 @pytest.mark.qemu
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
 def test_vm_server_refuses_logins_without_the_instance_key_even_from_another_uid(vm):

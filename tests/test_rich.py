@@ -178,15 +178,6 @@ def test_a_table_in_the_notebook_has_no_second_size_footer(ip):
 # -- in a QEMU microVM --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def vm(qemu_home):
-    from dhg_kernel.session import Session
-
-    s = Session("qemu", qemu_home)
-    yield s
-    s.stop()
-
-
 @pytest.mark.qemu
 def test_rich_output_and_figures_in_a_vm(vm):
     r, seen = _run(vm, """

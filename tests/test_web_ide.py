@@ -4,30 +4,12 @@ wrong key, the IDE asks for a token. Screenshots land in build/test-artifacts/."
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
-from pathlib import Path
 
 import pytest
+from conftest import ARTIFACTS
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "build" / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (make test does)")
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; make test does as root)")
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-        yield b
-        b.close()
 
 
 def _open(browser, url: str, shot: str, ready: str, timeout_s: float = 60) -> str:
