@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dhg_kernel.config import Layout  # noqa: E402
-from dhg_kernel.image import PHASES, prepare  # noqa: E402
+from dhg_kernel.prepare import PHASES, prepare  # noqa: E402
 from dhg_kernel.session import Session  # noqa: E402
 
 TRIVIAL = "print(1 + 1)"

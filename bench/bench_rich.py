@@ -75,12 +75,12 @@ def plot_cell(backend: str, home: Path, runs: int) -> None:
 def overhead(runs: int) -> None:
     """What the machinery adds to a cell that displays nothing: begin/end of the outlet, the pyplot
     patch check and an empty figure flush, with matplotlib imported (the VM's normal state)."""
-    sys.path.insert(0, str(ROOT / "guest"))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
-    import rich
+
+    from dhg_kernel.guest import rich
 
     n = 10_000
     t0 = time.perf_counter()
@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     home = Path(os.environ.get("DHG_TEST_HOME", "~/.dhg-test")).expanduser()
-    from dhg_kernel.image import prepare
+    from dhg_kernel.prepare import prepare
 
     prepare(Layout(home), progress=lambda m: print(f"[prepare] {m}", flush=True))
     completion(home, args.runs)

@@ -230,7 +230,7 @@ def main() -> None:
     else:
         home = Path(os.environ.get("DHG_TEST_HOME", "~/.dhg-test")).expanduser()
         if args.backend == "qemu":
-            from dhg_kernel.image import prepare
+            from dhg_kernel.prepare import prepare
 
             prepare(Layout(home), progress=lambda m: print(f"[prepare] {m}", flush=True))
     print(f"backend {args.backend}, DHG_HOME {home}, {os.cpu_count()} cores")

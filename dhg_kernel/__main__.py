@@ -1,7 +1,7 @@
-"""``python -m dhg_kernel install|uninstall``: the kernelspec for Jupyter."""
+"""``python -m dhg_kernel``: the same command line as ``dhvm``."""
 
 import sys
 
-from .kernelspec import main
+from .cli import main
 
 sys.exit(main())

@@ -1,4 +1,5 @@
-"""The ``dhvm`` command: run scripts through the same session path as the magic, and manage the VM side."""
+"""The ``dhvm`` command (also ``python -m dhg_kernel``): run scripts through the same session path as the
+magic, and manage the VM side. Every error a user can act on is a DhvmError, caught once in ``main``."""
 
 from __future__ import annotations
 
@@ -26,13 +27,9 @@ def cmd_exec(args) -> int:
         return 2
     code = args.code if args.code is not None else (sys.stdin.read() if args.script == "-" else Path(args.script).read_text())
     workspace = Path.cwd()
-    try:
-        report = files_mod.ScanReport() if args.no_files else files_mod.scan(code, workspace)
-        files_mod.add_explicit(report, args.file, workspace)
-        files_mod.check_limit(report.files, args.max_push_mb)
-    except (files_mod.FileLimitError, files_mod.FileNotPushable) as e:
-        print(f"dhvm: {e}", file=sys.stderr)
-        return 2
+    report = files_mod.ScanReport() if args.no_files else files_mod.scan(code, workspace)
+    files_mod.add_explicit(report, args.file, workspace)
+    files_mod.check_limit(report.files, args.max_push_mb)
     session = Session(args.backend, args.config_dir)
     stream = not args.json
     try:
@@ -40,9 +37,6 @@ def cmd_exec(args) -> int:
             code, report.files, max_rows=args.max_rows if args.max_rows > 0 else None, timeout=args.timeout or None,
             on_stdout=(lambda t: (sys.stdout.write(t), sys.stdout.flush())) if stream else None,
             on_stderr=(lambda t: (sys.stderr.write(t), sys.stderr.flush())) if stream else None)
-    except DhvmError as e:
-        print(f"dhvm: {e}", file=sys.stderr)
-        return 2
     finally:
         session.stop()
     result.files_skipped = report.skipped
@@ -65,7 +59,7 @@ def cmd_status(args) -> int:
     try:
         chosen, passed = choose_backend(layout) if args.backend == "auto" else (args.backend, {})
         st["backend"] = chosen
-    except Exception as e:  # noqa: BLE001 - status reports, it does not fail
+    except DhvmError as e:  # status reports, it does not fail
         chosen, passed = None, {}
         st["backend"] = None
         st["error"] = str(e)
@@ -79,7 +73,7 @@ def cmd_status(args) -> int:
             from .vm import get_backend
 
             st["details"] = get_backend(chosen, layout).describe()
-        except Exception as e:  # noqa: BLE001
+        except DhvmError as e:
             st["details"] = {"error": str(e)}
     st["instances"] = [{"id": r.id, "backend": r.backend, "owner_pid": r.owner_pid, "owner_alive": r.owner_alive,
                         **{k: v for k, v in r.info.items() if k in ("deephaven_url", "accel")}}
@@ -100,16 +94,12 @@ def cmd_prepare(args) -> int:
     if backend != "firecracker" and (args.firecracker or args.jailer or args.network):
         print("dhvm prepare: --firecracker, --jailer and --network need --backend firecracker", file=sys.stderr)
         return 2
-    from .image import PrepareError, prepare
+    from .prepare import prepare
 
-    try:
-        prepare(Layout.resolve(args.config_dir), backend=backend, dh_version=args.dh_version, rebuild=args.rebuild,
-                ram_mb=args.ram_mb, heap=args.heap, accel=args.accel, jvm_opts=args.jvm_opts,
-                firecracker=args.firecracker, jailer=args.jailer, network=args.network,
-                fc_version=args.firecracker_version)
-    except PrepareError as e:
-        print(e, file=sys.stderr)
-        return 1
+    prepare(Layout.resolve(args.config_dir), backend=backend, dh_version=args.dh_version, rebuild=args.rebuild,
+            ram_mb=args.ram_mb, heap=args.heap, accel=args.accel, jvm_opts=args.jvm_opts,
+            firecracker=args.firecracker, jailer=args.jailer, network=args.network,
+            fc_version=args.firecracker_version)
     return 0
 
 
@@ -121,7 +111,8 @@ def cmd_clean(args) -> int:
     layout = Layout.resolve(args.config_dir)
     reap_stale(layout)
     live = [r.id for r in list_instances(layout) if r.owner_alive]
-    targets = [layout.vm] if args.all else [layout.snapshots(args.dh_version)]
+    # Every backend's snapshot of the version (QEMU's and Firecracker's), or everything.
+    targets = [layout.vm] if args.all else layout.all_snapshot_dirs(args.dh_version)
     if args.all and live:
         print(f"dhvm clean: {len(live)} instance(s) still run ({', '.join(live)}); stop their sessions "
               "(%dhvm stop, or shut the kernels down) and run clean again", file=sys.stderr)
@@ -170,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="build the VM image and snapshot (rootfs, kernel, cold boot, snapshot)")
     p.add_argument("--dh-version", default=DH_VERSION, help="deephaven-server version in the image")
     p.add_argument("--rebuild", action="store_true", help="rebuild every phase, cached or not")
-    from .vm.qemu import DEFAULT_HEAP, DEFAULT_RAM_MB, TCG_JVM_OPTS
+    from .vm.machine import DEFAULT_HEAP, DEFAULT_RAM_MB
+    from .vm.qemu import TCG_JVM_OPTS
 
     p.add_argument("--ram-mb", type=int, default=DEFAULT_RAM_MB, help="guest RAM in MiB (default %(default)s)")
     p.add_argument("--heap", default=DEFAULT_HEAP, help="the guest JVM's -Xmx (default %(default)s)")
@@ -213,9 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Exit statuses: 1 a cell failed (exec), 2 the command could not do its job (a DhvmError).
+EXIT_ERROR = 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except DhvmError as e:
+        print(f"dhvm: {e}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

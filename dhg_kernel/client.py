@@ -1,4 +1,6 @@
-"""One conversation with an agent: requests, their streamed events, cancels, deadlines.
+"""One conversation with an agent: hello and version check, the after-restore handshake, requests
+with their streamed events, cancels and deadlines. Sessions, backends (restores) and ``dhvm prepare``
+(the cold boot's warm-up) all speak to agents through this one client.
 
 A reader thread routes every incoming frame to the request it answers (by ``re``), so several
 requests may be in flight on one connection (a completion while a cell runs) without taking each
@@ -9,6 +11,7 @@ every waiting request then fails with AgentDied at once, and so does every later
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -16,7 +19,11 @@ from typing import Callable, Sequence
 
 from . import protocol as P
 from .config import CANCEL_GRACE_S, CLOCK_NOTICE_S
-from .errors import AgentDied, AgentUnresponsive, AnswerAbandoned, CellTooLarge, DhvmError
+from .errors import (AgentDied, AgentRefused, AgentStartError, AgentUnresponsive, AnswerAbandoned, CellTooLarge,
+                     DhvmError, ProtocolMismatch)
+
+Tick = tuple[float, Callable[[], None]]
+"""(seconds, check): while a request waits, ``check`` runs every so often and may raise to give up."""
 
 
 class _Gone:
@@ -87,6 +94,33 @@ class AgentClient:
             except OSError:
                 return
 
+    # -- the conversation's fixed steps -----------------------------------------------------------
+
+    def hello(self, timeout: float, tick: Tick | None = None) -> dict:
+        """Greet the agent and check it speaks this host's protocol; returns its hello (versions, server)."""
+        try:
+            done = self.request({"op": P.OP_HELLO, "version": P.PROTOCOL_VERSION}, timeout=timeout, abandon=True,
+                                tick=tick)
+        except AnswerAbandoned:
+            raise AgentStartError(f"the agent did not answer hello within {timeout:g}s") from None
+        if done.get("version") != P.PROTOCOL_VERSION:
+            raise ProtocolMismatch(f"the agent speaks protocol {done.get('version')}, this host "
+                                   f"{P.PROTOCOL_VERSION}: the image is older than the host code. "
+                                   f"Run: dhvm prepare --rebuild")
+        return done
+
+    def restored(self, key: str, timeout: float) -> dict:
+        """After a snapshot restore: give the guest the host's clock, fresh entropy and its own login key,
+        so clones of one snapshot neither live in the past, nor share random numbers, nor a key (the
+        snapshot holds none: until this, every login is refused). Returns the agent's answer."""
+        try:
+            # The key travels on the agent stream only (a 0600 socket in a 0700 dir, or vsock).
+            done = self.request({"op": P.OP_RESTORED, "time_ns": time.time_ns(), "key": key}, [os.urandom(64)],
+                                timeout=timeout, abandon=True)
+        except AnswerAbandoned:
+            raise AgentStartError(f"the restored agent did not answer within {timeout:g}s") from None
+        return {k: v for k, v in done.items() if k not in ("ev", "re", "status")}
+
     # -- outgoing ----------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -118,13 +152,13 @@ class AgentClient:
             raise AgentDied(self.dead or str(e), self.death) from None
 
     def request(self, header: dict, payloads: Sequence = (), on_frame: Callable[[P.Frame], None] | None = None,
-                timeout: float | None = None, abandon: bool = False) -> dict:
+                timeout: float | None = None, abandon: bool = False, tick: Tick | None = None) -> dict:
         """Send a request and handle its events until its ``done``; returns the done header.
 
         Past ``timeout``: with ``abandon`` the answer is dropped (AnswerAbandoned; the agent is left
         alone, its late answer discarded); otherwise a cancel is sent and the agent gets
         ``CANCEL_GRACE_S`` to finish, past which (or on a second interrupt) AgentUnresponsive.
-        A KeyboardInterrupt cancels the same way.
+        A KeyboardInterrupt cancels the same way. ``tick``: a check run while waiting (see Tick).
         """
         if self.dead is not None:
             raise AgentDied(self.dead, self.death)
@@ -136,21 +170,27 @@ class AgentClient:
                 frames.put(_Gone(self.dead, self.death))
         try:
             self._send({**header, "id": rid}, payloads)
-            return self._wait(rid, frames, on_frame, timeout, abandon)
+            return self._wait(rid, frames, on_frame, timeout, abandon, tick)
         finally:
             with self._lock:
                 self._waiting.pop(rid, None)
 
-    def _wait(self, rid: int, frames: queue.Queue, on_frame, timeout: float | None, abandon: bool) -> dict:
+    def _wait(self, rid: int, frames: queue.Queue, on_frame, timeout: float | None, abandon: bool,
+              tick: Tick | None) -> dict:
         deadline = time.monotonic() + timeout if timeout else None
         cancel_deadline: float | None = None
         interrupted = False
         while True:
             limit = cancel_deadline if cancel_deadline is not None else deadline
             wait = None if limit is None else max(0.0, limit - time.monotonic())
+            if tick is not None:
+                wait = tick[0] if wait is None else min(wait, tick[0])
             try:
                 item = frames.get(timeout=wait)
             except queue.Empty:
+                if tick is not None and (limit is None or time.monotonic() < limit):
+                    tick[1]()
+                    continue
                 if abandon:
                     raise AnswerAbandoned(f"no answer within {timeout:g}s; the answer was dropped") from None
                 if cancel_deadline is None:
@@ -168,7 +208,7 @@ class AgentClient:
                 raise AgentDied(item.why, item.death)
             ev = item.header
             if ev.get("ev") == P.EV_ERROR and ev.get("re") is None:
-                raise DhvmError(f"the agent rejected a frame: {ev.get('name')}: {ev.get('value')}")
+                raise AgentRefused(f"the agent rejected a frame: {ev.get('name')}: {ev.get('value')}")
             if on_frame:
                 on_frame(item)
             if ev.get("ev") == P.EV_DONE:

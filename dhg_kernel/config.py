@@ -46,7 +46,16 @@ def dhg_home(override: str | os.PathLike | None = None) -> Path:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where artifacts live under ``DHG_HOME`` (see DESIGN.md)."""
+    """Every path under ``DHG_HOME``: nothing else builds one (see DESIGN.md)::
+
+        vm/rootfs/{base/, wheels/<v>/, rootfs-<v>.ext4}   the guest tree, its wheels, the root disk
+        vm/kernel/{vmlinux, initrd.img}                   the guest kernel (PVH) and its initrd
+        vm/snapshots/<v>/                                 the QEMU snapshot
+        vm/firecracker/{v<X.Y.Z>/, snapshots/<v>/}        Firecracker releases and snapshots
+        vm/run/<instance>/                                one directory per running instance
+        vm/{prepare-state.json, prepare.log, prepare.lock, cold-boot-console.log, accel-probe.json}
+        cache/classes-<hash>/                             the agent's Java classes for the local backend
+    """
 
     home: Path
 
@@ -58,6 +67,12 @@ class Layout:
     def vm(self) -> Path:
         return self.home / "vm"
 
+    def rel(self, path: Path) -> str:
+        """``path`` relative to ``vm`` (snapshots record their inputs so, to survive a moved DHG_HOME)."""
+        return str(path.relative_to(self.vm))
+
+    # -- running instances -------------------------------------------------------------------------
+
     @property
     def run(self) -> Path:
         """Per-instance directories: ``run/<instance>/`` with instance.json, sockets, logs."""
@@ -68,5 +83,78 @@ class Layout:
         """Things built on the host and reused across instances (the agent's compiled Java classes)."""
         return self.home / "cache"
 
+    # -- the image -------------------------------------------------------------------------------------
+
+    @property
+    def rootfs_tree(self) -> Path:
+        """The guest's root tree (debootstrap + venv + our files), made into the root disk."""
+        return self.vm / "rootfs" / "base"
+
+    def wheels(self, dh_version: str = DH_VERSION) -> Path:
+        return self.vm / "rootfs" / "wheels" / dh_version
+
+    def rootfs_image(self, dh_version: str = DH_VERSION) -> Path:
+        return self.vm / "rootfs" / f"rootfs-{dh_version}.ext4"
+
+    @property
+    def kernel(self) -> Path:
+        return self.vm / "kernel" / "vmlinux"
+
+    @property
+    def initrd(self) -> Path:
+        return self.vm / "kernel" / "initrd.img"
+
+    # -- snapshots, per backend ------------------------------------------------------------------------
+
     def snapshots(self, dh_version: str = DH_VERSION) -> Path:
+        """The QEMU snapshot of ``dh_version``."""
         return self.vm / "snapshots" / dh_version
+
+    @property
+    def firecracker(self) -> Path:
+        """Firecracker releases (``v<X.Y.Z>/``, downloaded and verified) and Firecracker snapshots."""
+        return self.vm / "firecracker"
+
+    def firecracker_release(self, tag: str) -> Path:
+        """One downloaded (and verified) Firecracker release: ``firecracker``, ``jailer``, its spec, SOURCE."""
+        return self.firecracker / tag
+
+    def firecracker_snapshots(self, dh_version: str = DH_VERSION) -> Path:
+        return self.firecracker / "snapshots" / dh_version
+
+    def snapshot_dir(self, backend: str, dh_version: str = DH_VERSION) -> Path:
+        """Where ``backend``'s snapshot of ``dh_version`` lives."""
+        if backend == "firecracker":
+            return self.firecracker_snapshots(dh_version)
+        if backend == "qemu":
+            return self.snapshots(dh_version)
+        raise ValueError(f"no snapshots for backend {backend!r}")
+
+    def all_snapshot_dirs(self, dh_version: str = DH_VERSION) -> list[Path]:
+        """Every backend's snapshot of ``dh_version`` (what ``dhvm clean`` removes)."""
+        return [self.snapshots(dh_version), self.firecracker_snapshots(dh_version)]
+
+    # -- prepare's own files -----------------------------------------------------------------------
+
+    @property
+    def prepare_state(self) -> Path:
+        """The checksum of each prepare phase's inputs (a phase whose inputs did not change is skipped)."""
+        return self.vm / "prepare-state.json"
+
+    @property
+    def prepare_log(self) -> Path:
+        return self.vm / "prepare.log"
+
+    @property
+    def prepare_lock(self) -> Path:
+        return self.vm / "prepare.lock"
+
+    @property
+    def cold_boot_console(self) -> Path:
+        """The guest console of the last failed cold boot (kept for the error message)."""
+        return self.vm / "cold-boot-console.log"
+
+    @property
+    def accel_probe(self) -> Path:
+        """Whether a probe boot under KVM works on this host (``{"key", "accel": "kvm"|"tcg"}``)."""
+        return self.vm / "accel-probe.json"

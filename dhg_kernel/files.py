@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .config import DATA_EXTENSIONS, DEFAULT_MAX_PUSH_MB
+from .errors import FileLimitError, FileNotPushable
 
 MIB = 1024 * 1024
 
@@ -43,14 +44,6 @@ class ScanReport:
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
-
-
-class FileLimitError(Exception):
-    """The files a cell names add up to more than the push limit; the cell is not run."""
-
-
-class FileNotPushable(Exception):
-    """A file named explicitly (``--file``) cannot be pushed."""
 
 
 def string_literals(code: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""The agent's own Java classes (``guest/java``): compiled once, put on the Deephaven JVM's classpath.
+"""Where the guest's sources are on the host, and the agent's own Java classes (``guest/java``): compiled
+once, put on the Deephaven JVM's classpath.
 
 ``dhg.TokenAuthHandler`` gives every instance its own login key (set after each restore, never in
 the snapshot); ``dhg.Reseed`` gives every clone fresh Java random state. They are compiled with
@@ -10,10 +11,13 @@ local backend.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
 from pathlib import Path
+
+from .errors import BackendUnavailable, JavaBuildError
 
 SOURCES = ("TokenAuthHandler.java", "Reseed.java")
 # The jars the sources compile against (names without the version suffix).
@@ -24,15 +28,19 @@ AUTH_HANDLER = "dhg.TokenAuthHandler"
 JVM_OPENS = ("java.base/java.lang", "java.base/java.util", "java.base/java.util.concurrent")
 
 
-class JavaBuildError(Exception):
-    """The agent's Java classes could not be compiled; the message says why and what fixes it."""
+def guest_dir() -> Path:
+    """The guest package's directory (``guest/``, packaged as ``dhg_kernel.guest``): the agent's modules,
+    its Java sources (``java/``) and the VM's init."""
+    spec = importlib.util.find_spec("dhg_kernel.guest")
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendUnavailable("the guest agent (dhg_kernel.guest) is missing from this install; "
+                                 "reinstall: pip install -e '.[local]'")
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
 def source_dir() -> Path:
     """``guest/java`` (packaged as ``dhg_kernel/guest/java``)."""
-    from .vm.local import agent_script
-
-    return Path(agent_script()).resolve().parent / "java"
+    return guest_dir() / "java"
 
 
 def source_files() -> list[Path]:

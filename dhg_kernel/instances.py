@@ -13,7 +13,9 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -104,8 +106,6 @@ def new_instance(layout: Layout, backend: str) -> InstanceRecord:
     rec = InstanceRecord(iid, backend, str(d), os.getpid(), proc_start_time(os.getpid()))
     rec.save()
     # Whatever kills this process, its instances go within moments (see watchdog.py).
-    from .watchdog import ensure_watchdog
-
     ensure_watchdog(layout)
     return rec
 
@@ -198,3 +198,43 @@ def list_instances(layout: Layout) -> list[InstanceRecord]:
             except (OSError, ValueError, TypeError):
                 continue
     return out
+
+
+# -- the owner's watchdog (a process of its own: see watchdog.py) ------------------------------------
+
+_watchers: dict[str, tuple[subprocess.Popen, int, int]] = {}
+_lock = threading.Lock()
+
+
+def ensure_watchdog(layout: Layout) -> subprocess.Popen:
+    """Start this process's watchdog (``watchdog.py``) for ``layout`` unless it runs already; returns it."""
+    key = str(layout.run)
+    with _lock:
+        known = _watchers.get(key)
+        if known is not None and known[2] == os.getpid() and known[0].poll() is None:
+            return known[0]
+        read_end, write_end = os.pipe()  # both non-inheritable (PEP 446)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "dhg_kernel.watchdog", "--home", str(layout.home), "--owner", str(os.getpid())],
+                stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                    p for p in (str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")) if p)})
+        finally:
+            os.close(read_end)
+        _watchers[key] = (proc, write_end, os.getpid())
+        return proc
+
+
+def reap_owner(layout: Layout, owner_pid: int) -> list[str]:
+    """Destroy the instances that ``owner_pid`` owned and that outlived it."""
+    # The pipe closes early in the owner's exit, before the process is gone: give it a moment.
+    deadline = time.monotonic() + 5
+    while alive(owner_pid, None) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    gone = []
+    for rec in list_instances(layout):
+        if rec.owner_pid == owner_pid and not rec.owner_alive:
+            destroy(rec)
+            gone.append(rec.id)
+    return gone

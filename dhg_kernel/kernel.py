@@ -18,6 +18,7 @@ import threading
 from ipykernel.ipkernel import IPythonKernel
 
 from . import __version__
+from .errors import DhvmError
 from .magic import Dhvm
 
 LOCAL_MAGIC = "%%local"
@@ -64,7 +65,7 @@ class DhvmKernel(IPythonKernel):
     def _start_vm(self) -> None:
         try:
             self.dhvm.session.warm()
-        except Exception as e:  # each cell will show the actionable error
+        except DhvmError as e:  # each cell will show the actionable error
             self.log.warning("dhvm: the VM could not be started in the background: %s", e)
 
     async def do_execute(self, code, silent, store_history=True, user_expressions=None, allow_stdin=False,
@@ -84,7 +85,7 @@ class DhvmKernel(IPythonKernel):
             return super().do_complete(code, cursor_pos)
         try:
             reply = self.dhvm.session.complete(code, cursor_pos)
-        except Exception as e:
+        except DhvmError as e:
             self.log.warning("dhvm: completion failed: %s", e)
             return {"status": "ok", "matches": [], "cursor_start": cursor_pos, "cursor_end": cursor_pos, "metadata": {}}
         return {"status": "ok", "matches": reply.get("matches", []), "cursor_start": reply.get("cursor_start", cursor_pos),
@@ -98,7 +99,7 @@ class DhvmKernel(IPythonKernel):
             return super().do_inspect(code, cursor_pos, detail_level, omit_sections)
         try:
             reply = self.dhvm.session.inspect(code, cursor_pos, detail_level)
-        except Exception as e:
+        except DhvmError as e:
             self.log.warning("dhvm: inspection failed: %s", e)
             reply = {"found": False, "data": {}}
         return {"status": "ok", "found": bool(reply.get("found")), "data": reply.get("data", {}), "metadata": {}}

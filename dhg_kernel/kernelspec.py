@@ -9,6 +9,8 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from .errors import UsageError
+
 KERNEL_NAME = "dhvm"
 
 
@@ -45,20 +47,10 @@ def uninstall() -> str:
     ksm = KernelSpecManager()
     path = ksm.find_kernel_specs().get(KERNEL_NAME)
     if path is None:
-        raise LookupError(f"no '{KERNEL_NAME}' kernelspec is installed (see: jupyter kernelspec list)")
+        raise UsageError(f"no '{KERNEL_NAME}' kernelspec is installed (see: jupyter kernelspec list); "
+                         f"to install it: dhvm kernel install")
     ksm.remove_kernel_spec(KERNEL_NAME)
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m dhg_kernel install|uninstall [--user|--sys-prefix|--prefix P]``."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m dhg_kernel", description="install the Deephaven microVM kernel")
-    ap.add_argument("action", choices=["install", "uninstall"])
-    add_location_args(ap)
-    args = ap.parse_args(argv)
-    return run(args)
 
 
 def add_location_args(ap) -> None:
@@ -73,9 +65,5 @@ def run(args) -> int:
         path = install(user=args.user, prefix=args.prefix)
         print(f"installed kernelspec '{KERNEL_NAME}' (Deephaven microVM) in {path}")
     else:
-        try:
-            print(f"removed kernelspec '{KERNEL_NAME}' from {uninstall()}")
-        except LookupError as e:
-            print(f"dhvm: {e}", file=sys.stderr)
-            return 1
+        print(f"removed kernelspec '{KERNEL_NAME}' from {uninstall()}")
     return 0

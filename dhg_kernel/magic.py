@@ -19,19 +19,12 @@ from . import files as files_mod
 from .config import (DATA_EXTENSIONS, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_PUSH_MB, DEFAULT_MAX_ROWS,
                      DEFAULT_TIMEOUT_S, default_backend, default_mode)
 from .display import format_mapping, show_display, show_in_ipython
+from .errors import UsageError
 from .result import CellResult, RemoteValue
-from .errors import DhvmError
 from .session import Session
 from .tables import DTYPE_BACKENDS
 
 LINE_COMMANDS = ("status", "tables", "stats", "fetch", "reset", "stop")
-
-
-class DhvmUsageError(Exception):
-    """A problem before the cell ran (no backend, too many bytes to push…): shown without a local traceback."""
-
-    def _render_traceback_(self) -> list[str]:
-        return [f"\x1b[0;31mDhvmError\x1b[0m: {self}"]
 
 
 @magics_class
@@ -123,69 +116,60 @@ class Dhvm(Magics):
         return self._run(cell, parse_argstring(self.dhvm, line))
 
     def _line_command(self, words: list[str]):
+        """A ``%dhvm`` subcommand. Errors are DhvmErrors, which IPython shows as their message alone."""
         cmd, rest = words[0], words[1:]
-        try:
-            if cmd == "status":
-                st = self.session.status()
-                print(format_mapping(st))
-                return None
-            if cmd == "tables":
-                import pandas as pd
+        if cmd == "status":
+            st = self.session.status()
+            print(format_mapping(st))
+            return None
+        if cmd == "tables":
+            import pandas as pd
 
-                rows = [{"name": t["name"], "rows": t["rows"], "columns": len(t["columns"]),
-                         "refreshing": t["refreshing"]} for t in self.session.tables()]
-                return pd.DataFrame(rows, columns=["name", "rows", "columns", "refreshing"])
-            if cmd == "stats":
-                print(format_mapping(self.session.stats()))
-                return None
-            if cmd == "fetch":
-                if len(rest) != 1:
-                    raise DhvmUsageError("usage: %dhvm fetch TABLE_NAME")
-                return self.session.fetch(rest[0], self.max_rows, self.dtype_backend).df
-            if cmd == "reset":
-                self.session.reset()
-                print("dhvm: the server was discarded; the next cell starts a fresh one.")
-                return None
-            if cmd == "stop":
-                self.close()
-                print("dhvm: stopped.")
-                return None
-        except DhvmError as e:
-            raise DhvmUsageError(str(e)) from None
-        raise DhvmUsageError(f"unknown command {cmd!r}")
+            rows = [{"name": t["name"], "rows": t["rows"], "columns": len(t["columns"]),
+                     "refreshing": t["refreshing"]} for t in self.session.tables()]
+            return pd.DataFrame(rows, columns=["name", "rows", "columns", "refreshing"])
+        if cmd == "stats":
+            print(format_mapping(self.session.stats()))
+            return None
+        if cmd == "fetch":
+            if len(rest) != 1:
+                raise UsageError("usage: %dhvm fetch TABLE_NAME")
+            return self.session.fetch(rest[0], self.max_rows, self.dtype_backend).df
+        if cmd == "reset":
+            self.session.reset()
+            print("dhvm: the server was discarded; the next cell starts a fresh one.")
+            return None
+        if cmd == "stop":
+            self.close()
+            print("dhvm: stopped.")
+            return None
+        raise UsageError(f"unknown command {cmd!r}; choose one of: {', '.join(LINE_COMMANDS)}")
 
     def _run(self, code: str, args):
         workspace = Path(os.getcwd())
         report = files_mod.ScanReport()
-        try:
-            if not args.no_files:
-                report = files_mod.scan(code, workspace, self.extensions)
-            files_mod.add_explicit(report, args.file, workspace)
-            files_mod.check_limit(report.files, args.max_push_mb if args.max_push_mb is not None else self.max_push_mb)
-        except (files_mod.FileLimitError, files_mod.FileNotPushable) as e:
-            raise DhvmUsageError(str(e)) from None
+        if not args.no_files:
+            report = files_mod.scan(code, workspace, self.extensions)
+        files_mod.add_explicit(report, args.file, workspace)
+        files_mod.check_limit(report.files, args.max_push_mb if args.max_push_mb is not None else self.max_push_mb)
 
         outputs = []
         for spec in args.output:
             local, _, remote = spec.partition("=")
             if not local.isidentifier():
-                raise DhvmUsageError(f"-o {spec}: {local!r} is not a valid Python name")
+                raise UsageError(f"-o {spec}: {local!r} is not a valid Python name; write -o NAME or -o NAME=TABLE")
             outputs.append((local, remote or local))
         max_rows = args.max_rows if args.max_rows is not None else self.max_rows
         timeout = args.timeout if args.timeout is not None else self.timeout
-        try:
-            if not args.per_cell:
-                self._start_with_notice()
-            result = self.session.execute(
-                code, report.files, max_rows=max_rows if max_rows > 0 else None, timeout=timeout or None,
-                dtype_backend=self.dtype_backend, on_stdout=_writer(sys.stdout), on_stderr=_writer(sys.stderr),
-                # -o means "give me the table": the display limit does not cut it.
-                full_tables=[remote for _, remote in outputs], mode="per-cell" if args.per_cell else None,
-                on_display=show_display)
-        except DhvmError as e:
-            raise DhvmUsageError(str(e)) from None
-        except Exception as e:  # a backend that cannot start: say so, keep the kernel alive
-            raise DhvmUsageError(f"{type(e).__name__}: {e}") from None
+        # A backend that cannot start raises a DhvmError: IPython shows its message, the kernel lives on.
+        if not args.per_cell:
+            self._start_with_notice()
+        result = self.session.execute(
+            code, report.files, max_rows=max_rows if max_rows > 0 else None, timeout=timeout or None,
+            dtype_backend=self.dtype_backend, on_stdout=_writer(sys.stdout), on_stderr=_writer(sys.stderr),
+            # -o means "give me the table": the display limit does not cut it.
+            full_tables=[remote for _, remote in outputs], mode="per-cell" if args.per_cell else None,
+            on_display=show_display)
         if self.session.notice:
             print(self.session.notice, file=sys.stderr)
             self.session.notice = None
@@ -223,7 +207,7 @@ class Dhvm(Magics):
         for local, remote in outputs:
             table = result.full_tables.get(remote)
             if table is None:
-                raise DhvmUsageError(f"-o {local}: there is no Deephaven table named {remote!r} in the session "
+                raise UsageError(f"-o {local}: there is no Deephaven table named {remote!r} in the session "
                                      f"(the cell returned: {', '.join(t.name for t in result.tables) or 'none'})")
             self.shell.user_ns[local] = table.df
 

@@ -1,4 +1,5 @@
-"""What one cell produced: a few small values that the magic, the kernel and the CLI all render from."""
+"""What one cell produced: a few small values that the magic, the kernel and the CLI all render from,
+and ``CellEvents``, the one place where the agent's events become those values."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import datetime
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import pyarrow as pa
 
-from .tables import to_pandas
+from . import protocol as P
+from .tables import read_ipc, to_pandas
 
 
 @dataclass
@@ -164,3 +166,75 @@ class RemoteValue:
 
     def __repr__(self) -> str:
         return self.data.get("text/plain", "")
+
+
+def table_from_event(header: dict, payload, dtype_backend: str) -> TableResult:
+    """A ``table`` event and its Arrow payload as a TableResult."""
+    snap_ns = header.get("snapshot_ns")
+    return TableResult(name=header["name"], rows=header.get("rows", 0), arrow=read_ipc(payload),
+                       columns=header.get("columns", []), truncated=bool(header.get("truncated")),
+                       refreshing=bool(header.get("refreshing")), dtype_backend=dtype_backend,
+                       snapshot_time=datetime.datetime.fromtimestamp(snap_ns / 1e9, datetime.timezone.utc)
+                       if snap_ns else None)
+
+
+Stream = Callable[[str], None]
+
+
+class CellEvents:
+    """Builds the CellResult of one ``exec`` request from its events, and streams them as they come.
+
+    Pass it as the request's ``on_frame``; ``finish`` then takes the ``done`` header. Output and
+    display events reach the callbacks at once (the cell is still running); ``bundle`` rewrites MIME
+    bundles on their way (the session turns a named Deephaven widget into a link to its web UI).
+    """
+
+    def __init__(self, result: CellResult, dtype_backend: str = "numpy_nullable", on_stdout: Stream | None = None,
+                 on_stderr: Stream | None = None, on_display: Callable[[DisplayOutput], None] | None = None,
+                 bundle: Callable[[dict], dict] = lambda data: data):
+        self.result = result
+        self.dtype_backend = dtype_backend
+        self.on_stdout, self.on_stderr, self.on_display = on_stdout, on_stderr, on_display
+        self.bundle = bundle
+        self._out: list[str] = []
+        self._err: list[str] = []
+
+    def __call__(self, frame: P.Frame) -> None:
+        h = frame.header
+        kind = h.get("ev")
+        result = self.result
+        if kind == P.EV_STDOUT:
+            self._out.append(h["text"])
+            if self.on_stdout:
+                self.on_stdout(h["text"])
+        elif kind == P.EV_STDERR:
+            self._err.append(h["text"])
+            if self.on_stderr:
+                self.on_stderr(h["text"])
+        elif kind == P.EV_TABLE and h.get("display"):
+            self._show(DisplayOutput("table", table=table_from_event(h, frame.payloads[0], self.dtype_backend)))
+        elif kind == P.EV_TABLE:
+            result.tables.append(table_from_event(h, frame.payloads[0], self.dtype_backend))
+        elif kind == P.EV_CLEAR:
+            self._show(DisplayOutput("clear", wait=bool(h.get("wait"))))
+        elif kind == P.EV_DISPLAY:
+            self._show(DisplayOutput("update" if h.get("update") else "display",
+                                     self.bundle(P.inline_payloads(h.get("data") or {}, frame.payloads)),
+                                     h.get("metadata") or {}, h.get("transient") or {}))
+        elif kind == P.EV_RESULT:
+            result.value = self.bundle(P.inline_payloads(h.get("data") or {}, frame.payloads))
+        elif kind == P.EV_ERROR:
+            result.error = ExecutionError(h.get("name", "Error"), h.get("value", ""), h.get("traceback") or [],
+                                          h.get("summary") or [])
+
+    def _show(self, shown: DisplayOutput) -> None:
+        self.result.displays.append(shown)
+        if self.on_display:
+            self.on_display(shown)
+
+    def finish(self, done: dict) -> CellResult:
+        """The result, completed with the ``done`` header (status and the agent's timings)."""
+        self.result.stdout, self.result.stderr = "".join(self._out), "".join(self._err)
+        if done:
+            self.result.status = done.get("status", "error")
+        return self.result

@@ -10,7 +10,6 @@ into a ``CellResult``. A dead agent becomes an error in the cell; the next cell 
 from __future__ import annotations
 
 import atexit
-import datetime
 import html
 import urllib.parse
 import hashlib
@@ -25,19 +24,14 @@ from typing import Callable, Sequence
 from . import protocol as P
 from .client import AgentClient
 from .config import DEFAULT_BACKEND, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_ROWS, QUESTION_DEADLINE_S, Layout
-from .errors import AgentDied, AgentUnresponsive, AnswerAbandoned, DhvmError
+from .errors import AgentDied, AgentRefused, AgentStartError, AgentUnresponsive, AnswerAbandoned, DhvmError, UsageError
 from .files import PushFile
 from .instances import reap_stale
 from .pool import WarmPool
-from .result import CellResult, DisplayOutput, ExecutionError, TableResult
-from .tables import read_ipc
+from .result import CellEvents, CellResult, DisplayOutput, ExecutionError, Stream, TableResult, table_from_event
 from .vm import Backend, Instance, choose_backend, get_backend
-from .vm.base import RestoredInstance
 
-__all__ = ["Session", "DhvmError", "AgentDied", "AgentUnresponsive", "AnswerAbandoned", "launch", "Live"]
-
-
-_Stream = Callable[[str], None]
+__all__ = ["Session", "DhvmError", "AgentDied", "AgentUnresponsive", "AnswerAbandoned", "start_agent", "ReadyAgent"]
 # The auth type Deephaven's clients send for a pre-shared key (the agent's handler answers to it).
 PSK_AUTH_TYPE = "io.deephaven.authentication.psk.PskAuthenticationHandler"
 
@@ -64,8 +58,8 @@ def _stat_key(st: os.stat_result) -> tuple:
 
 
 @dataclass
-class Live:
-    """A started instance with a greeted agent: what a cell runs on."""
+class ReadyAgent:
+    """A started instance and a client whose agent answered hello: what a cell runs on."""
 
     instance: Instance
     client: AgentClient
@@ -81,22 +75,22 @@ class Live:
         self.instance.stop()
 
 
-def launch(backend: Backend) -> Live:
+def start_agent(backend: Backend) -> ReadyAgent:
     """Start (restore) an instance and greet its agent. (Backends that restore snapshots reseed the
     guest's clock and entropy themselves, before handing the instance over.)"""
     t0 = time.perf_counter()
-    instance = backend.start()
     try:
-        # A VM's clock drifts under emulation: it hears the host's every second while the session lives.
-        client = AgentClient(instance.connect(timeout=30), clock_notices=isinstance(instance, RestoredInstance))
-        done = client.request({"op": P.OP_HELLO, "version": P.PROTOCOL_VERSION}, timeout=30)
-        if done.get("version") != P.PROTOCOL_VERSION:
-            raise DhvmError(f"the agent speaks protocol {done.get('version')}, this host {P.PROTOCOL_VERSION}; "
-                            f"rebuild the image so both match. Run: dhvm prepare --rebuild")
+        instance = backend.start()
+    except OSError as e:  # a run dir that cannot be made, a binary that cannot be run
+        raise AgentStartError(f"the {backend.name} backend could not start an instance: {e}. "
+                              f"Check DHG_HOME's permissions and free space, then run: dhvm status") from None
+    try:
+        client = instance.open_client(timeout=30)
+        hello = client.hello(timeout=30)
     except BaseException:
         instance.stop()
         raise
-    return Live(instance, client, done, (time.perf_counter() - t0) * 1000)
+    return ReadyAgent(instance, client, hello, (time.perf_counter() - t0) * 1000)
 
 
 _live_sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
@@ -111,7 +105,7 @@ class Session:
     def __init__(self, backend: str = DEFAULT_BACKEND, config_dir: str | os.PathLike | None = None,
                  mode: str = "per-session", pool_size: int = 1, **backend_options):
         if mode not in MODES:
-            raise DhvmError(f"unknown mode {mode!r}; choose per-session or per-cell")
+            raise UsageError(f"unknown mode {mode!r}; choose per-session or per-cell")
         self.layout = Layout.resolve(config_dir)
         self.backend_name = backend
         self.backend_options = backend_options
@@ -119,7 +113,7 @@ class Session:
         self.pool_size = pool_size
         self._backend: Backend | None = None
         self._pool: WarmPool | None = None
-        self.live: Live | None = None
+        self.live: ReadyAgent | None = None
         self.passed_over: dict[str, str] = {}
         """With backend ``auto``: the backends not chosen, and why."""
         self.notice: str | None = None
@@ -165,9 +159,9 @@ class Session:
     def running(self) -> bool:
         return self.live is not None
 
-    def _launch(self) -> Live:
+    def _launch(self) -> ReadyAgent:
         reap_stale(self.layout)
-        return launch(self.backend)
+        return start_agent(self.backend)
 
     @property
     def pool(self) -> WarmPool:
@@ -185,7 +179,7 @@ class Session:
     def set_mode(self, mode: str) -> None:
         """Switch mode; the resources of the old mode (its server, or its warm pool) are released."""
         if mode not in MODES:
-            raise DhvmError(f"unknown mode {mode!r}; choose per-session or per-cell")
+            raise UsageError(f"unknown mode {mode!r}; choose per-session or per-cell")
         with self._lock:
             if mode == self.mode:
                 return
@@ -231,7 +225,7 @@ class Session:
     # -- cells -------------------------------------------------------------------------------------
 
     @staticmethod
-    def _files_to_send(live: Live, files: Sequence[PushFile]) -> tuple[list[dict], list[bytes], dict[str, _Pushed]]:
+    def _files_to_send(live: ReadyAgent, files: Sequence[PushFile]) -> tuple[list[dict], list[bytes], dict[str, _Pushed]]:
         metas, datas, record = [], [], {}
         for f in files:
             prev = live.pushed.get(f.rel)
@@ -250,7 +244,7 @@ class Session:
             datas.append(data)
         return metas, datas, record
 
-    def _lost(self, live: Live, announce: str | None = None) -> str:
+    def _lost(self, live: ReadyAgent, announce: str | None = None) -> str:
         """Tear down a dead or stuck instance; returns its log tail for the error message.
 
         ``announce``: what to tell the user in the next cell (when no cell's error says it already).
@@ -269,7 +263,7 @@ class Session:
             out, self._announcements = self._announcements, []
         return out
 
-    def _session_live(self) -> Live:
+    def _session_live(self) -> ReadyAgent:
         """The session's instance for the next cell; one whose agent died while idle is replaced first."""
         self.start()
         assert self.live is not None
@@ -283,7 +277,7 @@ class Session:
 
     def execute(self, code: str, files: Sequence[PushFile] = (), *, max_rows: int | None = DEFAULT_MAX_ROWS,
                 timeout: float | None = None, dtype_backend: str = DEFAULT_DTYPE_BACKEND,
-                on_stdout: _Stream | None = None, on_stderr: _Stream | None = None,
+                on_stdout: Stream | None = None, on_stderr: Stream | None = None,
                 full_tables: Sequence[str] = (), mode: str | None = None,
                 on_display: Callable[[DisplayOutput], None] | None = None) -> CellResult:
         """Run one cell; output is streamed to the callbacks as it arrives.
@@ -313,55 +307,19 @@ class Session:
                               "total_ms": round((time.perf_counter() - t0) * 1000, 3)}
             return result
 
-    def _run_cell(self, live: Live, code: str, files: Sequence[PushFile], max_rows: int | None,
-                  timeout: float | None, dtype_backend: str, on_stdout: _Stream | None,
-                  on_stderr: _Stream | None, on_display: Callable[[DisplayOutput], None] | None = None) -> CellResult:
+    def _run_cell(self, live: ReadyAgent, code: str, files: Sequence[PushFile], max_rows: int | None,
+                  timeout: float | None, dtype_backend: str, on_stdout: Stream | None,
+                  on_stderr: Stream | None, on_display: Callable[[DisplayOutput], None] | None = None) -> CellResult:
         metas, datas, record = self._files_to_send(live, files)
         result = CellResult(backend=f"{self.backend_name} ({live.instance.id})", files=[m["path"] for m in metas])
         header = {"op": P.OP_EXEC, "code": code, "options": {"max_rows": max_rows}}
         if metas:
             header["files"] = metas
-        out: list[str] = []
-        err: list[str] = []
-
-        def on_frame(frame: P.Frame) -> None:
-            h = frame.header
-            kind = h.get("ev")
-            if kind == P.EV_STDOUT:
-                out.append(h["text"])
-                if on_stdout:
-                    on_stdout(h["text"])
-            elif kind == P.EV_STDERR:
-                err.append(h["text"])
-                if on_stderr:
-                    on_stderr(h["text"])
-            elif kind == P.EV_TABLE and h.get("display"):
-                shown = DisplayOutput("table", table=_table_result(h, frame.payloads[0], dtype_backend))
-                result.displays.append(shown)
-                if on_display:
-                    on_display(shown)
-            elif kind == P.EV_TABLE:
-                result.tables.append(_table_result(h, frame.payloads[0], dtype_backend))
-            elif kind in (P.EV_DISPLAY, P.EV_CLEAR):
-                if kind == P.EV_CLEAR:
-                    shown = DisplayOutput("clear", wait=bool(h.get("wait")))
-                else:
-                    shown = DisplayOutput("update" if h.get("update") else "display",
-                                          self._widget_links(P.inline_payloads(h.get("data") or {}, frame.payloads)),
-                                          h.get("metadata") or {}, h.get("transient") or {})
-                result.displays.append(shown)
-                if on_display:
-                    on_display(shown)
-            elif kind == P.EV_RESULT:
-                result.value = self._widget_links(P.inline_payloads(h.get("data") or {}, frame.payloads))
-            elif kind == P.EV_ERROR:
-                result.error = ExecutionError(h.get("name", "Error"), h.get("value", ""), h.get("traceback") or [],
-                                              h.get("summary") or [])
-
+        events = CellEvents(result, dtype_backend, on_stdout, on_stderr, on_display, bundle=self._widget_links)
         t1 = time.perf_counter()
         done: dict = {}
         try:
-            done = live.client.request(header, datas, on_frame, timeout=timeout)
+            done = live.client.request(header, datas, events, timeout=timeout)
         except AgentUnresponsive as e:
             tail = self._lost(live)
             result.status = "cancelled"
@@ -375,14 +333,13 @@ class Session:
         else:
             if "exec_ms" in done.get("timings", {}):
                 live.pushed.update(record)  # the files were written (even if the cell then failed)
-            result.status = done.get("status", "error")
-            if timeout and result.status == "cancelled" and not done.get("interrupted") and result.error:
-                result.error.value = f"cell timed out after {timeout:g}s (--timeout) and was cancelled"
-        result.stdout, result.stderr = "".join(out), "".join(err)
+        events.finish(done)  # without a done (the agent was lost), status and error were set above
+        if done and timeout and result.status == "cancelled" and not done.get("interrupted") and result.error:
+            result.error.value = f"cell timed out after {timeout:g}s (--timeout) and was cancelled"
         result.timings = {**done.get("timings", {}), "roundtrip_ms": round((time.perf_counter() - t1) * 1000, 3)}
         return result
 
-    def _fetch_full(self, live: Live, result: CellResult, names: Sequence[str], dtype_backend: str) -> None:
+    def _fetch_full(self, live: ReadyAgent, result: CellResult, names: Sequence[str], dtype_backend: str) -> None:
         for name in names:
             got = next((t for t in result.tables if t.name == name), None)
             if got is not None and not got.truncated:
@@ -395,7 +352,7 @@ class Session:
 
     # -- other requests ----------------------------------------------------------------------------
 
-    def _request(self, live: Live, header: dict, on_frame=None, timeout: float | None = 60,
+    def _request(self, live: ReadyAgent, header: dict, on_frame=None, timeout: float | None = 60,
                  abandon: bool = False) -> dict:
         errors: list[dict] = []
 
@@ -413,7 +370,7 @@ class Session:
                                     f"({_first_line(e)}); variables and tables of earlier cells are gone")
             raise AgentDied(f"{e}\n{tail}", getattr(e, "death", None)) from None
         if errors:
-            raise DhvmError(f"{errors[0].get('name')}: {errors[0].get('value')}")
+            raise AgentRefused(f"{errors[0].get('name')}: {errors[0].get('value')}")
         return done
 
     def _simple(self, header: dict, on_frame=None, timeout: float | None = 60) -> dict:
@@ -423,18 +380,18 @@ class Session:
             assert self.live is not None
             return self._request(self.live, header, on_frame, timeout)
 
-    def _fetch(self, live: Live, name: str, max_rows: int | None, dtype_backend: str) -> TableResult:
+    def _fetch(self, live: ReadyAgent, name: str, max_rows: int | None, dtype_backend: str) -> TableResult:
         got: list[TableResult] = []
 
         def on_frame(frame: P.Frame) -> None:
             if frame.header.get("ev") == P.EV_TABLE:
-                got.append(_table_result(frame.header, frame.payloads[0], dtype_backend))
+                got.append(table_from_event(frame.header, frame.payloads[0], dtype_backend))
 
         self._request(live, {"op": P.OP_FETCH, "name": name, "max_rows": max_rows}, on_frame, timeout=None)
         return got[0]
 
     def _per_cell_note(self, what: str) -> DhvmError:
-        return DhvmError(f"{what}: in per-cell mode no server outlives its cell, so there is nothing to ask. "
+        return UsageError(f"{what}: in per-cell mode no server outlives its cell, so there is nothing to ask. "
                          f"Use -o NAME on the cell, or switch: %config Dhvm.mode = 'per-session'")
 
     def tables(self) -> list[dict]:
@@ -520,7 +477,10 @@ class Session:
 
     def pydeephaven_session(self, **kwargs):
         """A pydeephaven Session on the session's server, logged in with this instance's key."""
-        from pydeephaven import Session as DhSession
+        try:
+            from pydeephaven import Session as DhSession
+        except ImportError:
+            raise UsageError("pydeephaven is not installed; run: pip install 'dhg_kernel[client]'") from None
 
         with self._lock:
             self.start()
@@ -539,7 +499,7 @@ class Session:
             out["not_chosen"] = self.passed_over
         try:
             out.update(self.backend.describe())
-        except Exception as e:  # status must not fail on a broken backend
+        except DhvmError as e:  # status must not fail on a broken backend
             out["backend_error"] = str(e)
         if self.instance is not None:
             out["instance"] = self.instance.describe()
@@ -565,15 +525,6 @@ def _death_message(e: AgentDied, backend: str) -> str:
         msg += (f" Use less memory in the cell, or give the VM more: dhvm prepare --ram-mb {ram_mb} --heap "
                 f"{ram_mb * 6 // 10}m --rebuild")
     return msg
-
-
-def _table_result(header: dict, payload, dtype_backend: str) -> TableResult:
-    snap_ns = header.get("snapshot_ns")
-    return TableResult(name=header["name"], rows=header.get("rows", 0), arrow=read_ipc(payload),
-                       columns=header.get("columns", []), truncated=bool(header.get("truncated")),
-                       refreshing=bool(header.get("refreshing")), dtype_backend=dtype_backend,
-                       snapshot_time=datetime.datetime.fromtimestamp(snap_ns / 1e9, datetime.timezone.utc)
-                       if snap_ns else None)
 
 
 def stop_all_sessions(wait: float | None = None) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import decimal
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 

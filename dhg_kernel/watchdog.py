@@ -5,61 +5,17 @@ only the owner holds (non-inheritable, so no VM or agent keeps it open). When th
 kernel closes that end; the helper reads end-of-file and destroys every instance the owner
 recorded, then exits. It runs in its own session, so a signal to the owner's process group (as
 Jupyter sends when it kills a kernel) does not take it down before it has cleaned up.
-Started by ``instances.new_instance``; ``python -m dhg_kernel.watchdog`` is its entry point.
+Started by ``instances.ensure_watchdog`` (from ``new_instance``) as ``python -m dhg_kernel.watchdog``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 from .config import Layout
-
-_watchers: dict[str, tuple[subprocess.Popen, int, int]] = {}
-_lock = threading.Lock()
-
-
-def ensure_watchdog(layout: Layout) -> subprocess.Popen:
-    """Start this process's watchdog for ``layout`` unless it runs already; returns it."""
-    key = str(layout.run)
-    with _lock:
-        known = _watchers.get(key)
-        if known is not None and known[2] == os.getpid() and known[0].poll() is None:
-            return known[0]
-        read_end, write_end = os.pipe()  # both non-inheritable (PEP 446)
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "dhg_kernel.watchdog", "--home", str(layout.home), "--owner", str(os.getpid())],
-                stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                    p for p in (str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")) if p)})
-        finally:
-            os.close(read_end)
-        _watchers[key] = (proc, write_end, os.getpid())
-        return proc
-
-
-def reap_owner(layout: Layout, owner_pid: int) -> list[str]:
-    """Destroy the instances that ``owner_pid`` owned and that outlived it."""
-    import time
-
-    from .instances import alive, destroy, list_instances
-
-    # The pipe closes early in the owner's exit, before the process is gone: give it a moment.
-    deadline = time.monotonic() + 5
-    while alive(owner_pid, None) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    gone = []
-    for rec in list_instances(layout):
-        if rec.owner_pid == owner_pid and not rec.owner_alive:
-            destroy(rec)
-            gone.append(rec.id)
-    return gone
-
+from .instances import reap_owner
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="destroy a process's dhg instances when it dies")

@@ -62,7 +62,7 @@ def workspace(tmp_path, monkeypatch) -> Path:
 def jupyter_path(tmp_path_factory):
     """The dhvm kernelspec installed under a prefix of the test's own, found through JUPYTER_PATH."""
     prefix = tmp_path_factory.mktemp("prefix")
-    p = subprocess.run([sys.executable, "-m", "dhg_kernel", "install", "--prefix", str(prefix)],
+    p = subprocess.run([sys.executable, "-m", "dhg_kernel", "kernel", "install", "--prefix", str(prefix)],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     path = str(prefix / "share" / "jupyter")
@@ -84,7 +84,7 @@ def qemu_home() -> Path:
     if not qemu_binary():
         pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86; make test does)")
     from dhg_kernel.config import Layout
-    from dhg_kernel.image import PrepareError, prepare
+    from dhg_kernel.prepare import PrepareError, prepare
 
     home = Path(os.environ.get("DHG_TEST_HOME", "~/.dhg-test")).expanduser()
     layout = Layout(home)

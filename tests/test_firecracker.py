@@ -621,12 +621,13 @@ def _fake_snapshot(layout: Layout, version: str):
     """A snapshot directory as prepare writes it (files are stand-ins; the metadata is real)."""
     from dhg_kernel.vm.fc_api import parse_version
     from dhg_kernel.vm.fc_release import FirecrackerBinary
-    from dhg_kernel.vm.firecracker import FcSnapshot, new_snapshot_meta, snapshot_dir
+    from dhg_kernel.vm.base import write_snapshot_metadata
+    from dhg_kernel.vm.firecracker import new_snapshot_meta
 
     rootfs = layout.vm / "rootfs" / "rootfs-42.7.ext4"
     rootfs.parent.mkdir(parents=True)
     rootfs.write_bytes(b"ext4")
-    d = snapshot_dir(layout)
+    d = layout.firecracker_snapshots()
     d.mkdir(parents=True)
     for name in ("vmstate", "mem"):
         (d / name).write_bytes(os.urandom(4096))
@@ -634,7 +635,7 @@ def _fake_snapshot(layout: Layout, version: str):
     m = _machine()
     m.rootfs = "rootfs/rootfs-42.7.ext4"
     meta = new_snapshot_meta(FirecrackerBinary(Path("/nonexistent"), parse_version(version)), m, layout.vm)
-    FcSnapshot(d / "vmstate", d / "mem", {}, meta).save_to(d)
+    write_snapshot_metadata(d, meta)
     return d
 
 
@@ -704,7 +705,8 @@ def test_a_snapshot_from_another_firecracker_version_is_refused_with_the_fix(tmp
 
 def test_prerequisite_checks_say_how_to_fix_each_failure(tmp_path):
     from dhg_kernel.vm import why_not
-    from dhg_kernel.vm.firecracker import FirecrackerBackend, kvm_create_vm
+    from dhg_kernel.vm.firecracker import FirecrackerBackend
+    from dhg_kernel.vm.host import kvm_create_vm
 
     layout = Layout(tmp_path / "home")
     checks = FirecrackerBackend(layout).checks()
@@ -796,7 +798,7 @@ def test_network_plumbing_of_a_crashed_owner_is_removed_by_the_reaper(parent_net
 
 @pytest.mark.qemu
 def test_prepare_builds_the_image_then_names_the_failing_firecracker_check(qemu_home, monkeypatch):
-    from dhg_kernel.image import PrepareError, prepare
+    from dhg_kernel.prepare import PrepareError, prepare
     from dhg_kernel.vm.firecracker import FirecrackerBackend
 
     layout = Layout(qemu_home)
@@ -820,7 +822,7 @@ def test_prepare_builds_the_image_then_names_the_failing_firecracker_check(qemu_
 
 def test_real_boot_snapshot_restore_and_a_cell(tmp_path):
     from dhg_kernel.vm.fc_release import FirecrackerMissing, obtain
-    from dhg_kernel.vm.firecracker import host_checks
+    from dhg_kernel.vm.host import host_checks
 
     home = Path(os.environ.get("DHG_TEST_HOME", "~/.dhg-test")).expanduser()
     layout = Layout(home)
@@ -831,7 +833,7 @@ def test_real_boot_snapshot_restore_and_a_cell(tmp_path):
         obtain(layout, allow_download=False)
     except FirecrackerMissing as e:
         pytest.skip(f"no firecracker binary here: {str(e).splitlines()[0]}")
-    from dhg_kernel.image import prepare
+    from dhg_kernel.prepare import prepare
     from dhg_kernel.session import Session
 
     prepare(layout, backend="firecracker", progress=lambda m: print(f"[prepare] {m}", file=sys.stderr))

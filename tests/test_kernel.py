@@ -182,8 +182,11 @@ def test_kernel_install_and_uninstall_through_the_cli(tmp_path):
     listed = subprocess.run([sys.executable, "-m", "jupyter", "kernelspec", "list"], capture_output=True,
                             text=True, env=env).stdout
     assert "dhvm" in listed and str(tmp_path) in listed
-    p = subprocess.run([sys.executable, "-m", "dhg_kernel", "uninstall"], capture_output=True, text=True, env=env)
+    p = subprocess.run([sys.executable, "-m", "dhg_kernel", "kernel", "uninstall"], capture_output=True, text=True, env=env)
     assert p.returncode == 0 and "removed" in p.stdout
+    # Again: nothing to remove is a clear error (exit 2), not a traceback.
+    p = subprocess.run([sys.executable, "-m", "dhg_kernel", "kernel", "uninstall"], capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and "no 'dhvm' kernelspec" in p.stderr and "Traceback" not in p.stderr, p.stderr
     listed = subprocess.run([sys.executable, "-m", "jupyter", "kernelspec", "list"], capture_output=True,
                             text=True, env=env).stdout
     assert str(tmp_path) not in listed

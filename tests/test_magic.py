@@ -91,6 +91,13 @@ def test_explicit_file_flag_pushes_a_file_the_scanner_cannot_see(ip, workspace):
     assert res.success and cap.stdout.strip() == "5"
 
 
+def test_a_pushed_module_imports_by_name_as_in_a_notebook(ip, workspace):
+    """The workspace is first on the agent's sys.path: `--file helper.py` then `import helper` works."""
+    (workspace / "helper.py").write_text("def double(x):\n    return 2 * x\n")
+    res, cap = run(ip, "%%dhvm --file helper.py\nimport helper\nprint(helper.double(21))")
+    assert res.success and cap.stdout.strip() == "42", cap.stdout
+
+
 def test_no_files_turns_scanning_off(ip, workspace):
     (workspace / "data" / "fresh.csv").write_text("a\n1\n")
     res, cap = run(ip, '%%dhvm --no-files\nimport os\nprint(os.path.exists("data/fresh.csv"))')

@@ -43,7 +43,7 @@ def test_restore_command_maps_snapshot_ram_privately_and_restricts_the_network(t
 
 
 def test_apt_mirror_is_read_from_the_hosts_deb822_sources(tmp_path):
-    from dhg_kernel.image import apt_mirror
+    from dhg_kernel.prepare.image import apt_mirror
 
     src = tmp_path / "debian.sources"
     src.write_text("Types: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm bookworm-updates\n\n"
@@ -51,38 +51,49 @@ def test_apt_mirror_is_read_from_the_hosts_deb822_sources(tmp_path):
     assert apt_mirror(src) == "http://mirror.example/debian"
 
 
-def test_qmp_client_negotiates_capabilities_and_queues_events(tmp_path):
-    import json
-    import threading
+def test_qmp_monitor_talks_to_a_real_qemu_through_the_library(tmp_path):
+    """qemu.qmp (QEMU's own client) through our Monitor: connect while QEMU creates the socket (and
+    through a path over the 108-byte limit), negotiate, run commands, and turn an error into ours."""
+    import subprocess
 
-    from dhg_kernel.qmp import QMPClient, QMPError
+    from dhg_kernel.errors import VMMError
+    from dhg_kernel.vm.qemu import qemu_binary
+    from dhg_kernel.vm.qmp import Monitor
 
-    path = tmp_path / "qmp.sock"
-    srv = socket.socket(socket.AF_UNIX)
-    srv.bind(str(path))
-    srv.listen(1)
+    qemu = qemu_binary()
+    if not qemu:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    proc = subprocess.Popen([qemu, "-nodefaults", "-S", "-machine", "microvm", "-accel", "tcg", "-m", "64M",
+                             "-display", "none", "-qmp", "unix:qmp.sock,server=on,wait=off"], cwd=deep,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert len(str(deep / "qmp.sock")) > 108
+        with Monitor.connect(deep / "qmp.sock", timeout=20, is_alive=lambda: proc.poll() is None) as qmp:
+            assert qmp.greeting["QMP"]["version"]["qemu"]["major"] >= 7
+            assert qmp.status() == "prelaunch"  # -S: stopped before the first instruction
+            with pytest.raises(VMMError, match="bogus"):
+                qmp.execute("bogus")
+            assert qmp.status() == "prelaunch"  # the connection survives an error
 
-    def fake_qemu():
-        conn, _ = srv.accept()
-        f = conn.makefile("rwb")
-        f.write(b'{"QMP": {"version": {}, "capabilities": []}}\n'); f.flush()
-        for line in f:
-            cmd = json.loads(line)["execute"]
-            if cmd == "qmp_capabilities":
-                f.write(b'{"return": {}}\n')
-            elif cmd == "query-status":
-                f.write(b'{"event": "RESUME", "data": {}}\n{"return": {"status": "running"}}\n')
-            else:
-                f.write(b'{"error": {"class": "CommandNotFound", "desc": "nope"}}\n')
-            f.flush()
+        async def in_a_running_loop():
+            # As in a Jupyter kernel, whose main thread runs an event loop while a cell executes.
+            with Monitor.connect(deep / "qmp.sock", timeout=20) as qmp:
+                return qmp.status()
 
-    threading.Thread(target=fake_qemu, daemon=True).start()
-    q = QMPClient.connect(path, timeout=5)
-    assert q.status() == "running"
-    assert q.wait_event("RESUME", timeout=1)["event"] == "RESUME"
-    with pytest.raises(QMPError, match="CommandNotFound"):
-        q.execute("bogus")
-    q.close()
+        import asyncio
+
+        assert asyncio.run(in_a_running_loop()) == "prelaunch"
+        other: list = []
+        t = threading.Thread(target=lambda: other.append(Monitor.connect(deep / "qmp.sock", timeout=20)))
+        t.start()
+        t.join()
+        assert other[0].status() == "prelaunch", "a monitor opened in one thread works in another"
+        other[0].close()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # -- real VMs -------------------------------------------------------------------------------------
@@ -231,7 +242,7 @@ def test_killed_owner_process_is_reaped_on_next_start(qemu_home):
 
 @pytest.mark.qemu
 def test_second_prepare_with_nothing_changed_takes_seconds(qemu_home):
-    from dhg_kernel.image import prepare
+    from dhg_kernel.prepare import prepare
 
     lines: list[str] = []
     t0 = time.monotonic()
@@ -330,13 +341,18 @@ def test_auto_falls_back_to_local_with_a_visible_warning(tmp_path):
     assert "WITHOUT isolation" in s.notice and "dhvm prepare" in s.passed_over["qemu"]
 
 
-def test_clean_removes_a_versions_snapshot(tmp_path):
-    snap = Layout(tmp_path).snapshots("0.0-test")
-    snap.mkdir(parents=True)
-    (snap / "mem").write_bytes(b"x" * 1000)
+def test_clean_removes_a_versions_snapshot_of_every_backend(tmp_path):
+    layout = Layout(tmp_path)
+    snaps = [layout.snapshot_dir(b, "0.0-test") for b in ("qemu", "firecracker")]
+    keep = layout.snapshots("0.1-other")
+    for d in (*snaps, keep):
+        d.mkdir(parents=True)
+        (d / "mem").write_bytes(b"x" * 1000)
     p = subprocess.run([sys.executable, "-m", "dhg_kernel.cli", "clean", "--dh-version", "0.0-test",
                         "--config-dir", str(tmp_path)], capture_output=True, text=True)
-    assert p.returncode == 0 and not snap.exists() and "removed" in p.stdout
+    assert p.returncode == 0 and "removed" in p.stdout, p.stderr
+    assert not any(d.exists() for d in snaps), "QEMU's and Firecracker's snapshots both go"
+    assert keep.exists(), "another version's snapshot stays"
 
 
 @pytest.mark.qemu

@@ -96,7 +96,7 @@ def _check_server_refuses_strangers(session) -> None:
 
 
 def test_naming_the_last_expression_is_linear_in_the_cell_length():
-    from dhg_kernel.guest.agent import _expr_name
+    from dhg_kernel.guest.cells import _expr_name
 
     code = "x = 'é" + "a" * 2_000_000 + "'\nt.where('X > 1')  # last\n"
     tree = ast.parse(code)
@@ -113,11 +113,11 @@ def test_naming_the_last_expression_is_linear_in_the_cell_length():
 
 def test_the_agents_java_names_match_the_hosts():
     from dhg_kernel import guest_java
-    from dhg_kernel.guest import agent
+    from dhg_kernel.guest import server
     from dhg_kernel.session import PSK_AUTH_TYPE
 
-    assert agent.AUTH_HANDLER == guest_java.AUTH_HANDLER and agent.JVM_OPENS == guest_java.JVM_OPENS
-    assert agent.PSK_TYPE == PSK_AUTH_TYPE
+    assert server.AUTH_HANDLER == guest_java.AUTH_HANDLER and server.JVM_OPENS == guest_java.JVM_OPENS
+    assert server.PSK_TYPE == PSK_AUTH_TYPE
     src = (guest_java.source_dir() / "dhg" / "TokenAuthHandler.java").read_text()
     assert f'PSK_TYPE = "{PSK_AUTH_TYPE}"' in src
 

@@ -97,7 +97,7 @@ def test_shift_tab_inside_a_call_shows_the_callees_signature(session, code):
 
 
 def test_callee_at_finds_the_open_call_only():
-    from dhg_kernel.guest.agent import _callee_at
+    from dhg_kernel.guest.introspect import _callee_at
 
     assert _callee_at("print(len(x), ", 14) == "print"
     assert _callee_at("f(g(1), h(", 10) == "h"

@@ -8,20 +8,12 @@ import secrets
 import socket
 import subprocess
 import time
-from typing import Callable
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from .. import protocol as P
+from ..client import AgentClient
+from ..errors import AgentStartError, BackendUnavailable
 from ..instances import InstanceRecord, destroy
-
-
-class BackendUnavailable(Exception):
-    """The backend cannot run here; the message says why and what fixes it."""
-
-
-class AgentStartError(Exception):
-    """An instance was started but its agent never answered."""
 
 
 class Instance(ABC):
@@ -48,6 +40,10 @@ class Instance(ABC):
     def alive(self) -> bool:
         """True while the instance's processes run."""
 
+    def open_client(self, timeout: float) -> AgentClient:
+        """A client on a new connection to the agent."""
+        return AgentClient(self.connect(timeout))
+
     def stop(self) -> None:
         """Destroy the instance: processes killed, run directory removed. Idempotent."""
         destroy(self.record)
@@ -67,8 +63,8 @@ class Instance(ABC):
 
 
 class RestoredInstance(Instance):
-    """A VM restored from a snapshot by one VMM process, holding the agent connection that the
-    restore opened (the after-restore handshake ran on it; the first ``connect`` hands it over)."""
+    """A VM restored from a snapshot by one VMM process, holding the agent client that the restore
+    opened (the after-restore handshake ran on it; the first ``open_client`` hands it over)."""
 
     vmm_log = ""
     """The VMM's own log file (relative to ``log_dir``), appended to ``log_tail``."""
@@ -76,7 +72,7 @@ class RestoredInstance(Instance):
     def __init__(self, record: InstanceRecord, proc: subprocess.Popen):
         super().__init__(record)
         self.proc = proc
-        self._pending: socket.socket | None = None
+        self._restore_client: AgentClient | None = None
         self.timings: dict[str, float] = {}
         """Milliseconds from the start of the restore to each of its steps."""
         self.restored_info: dict = {}
@@ -89,24 +85,28 @@ class RestoredInstance(Instance):
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def connect(self, timeout: float) -> socket.socket:
-        """The agent stream. The first call returns the connection made during restore."""
-        if self._pending is not None:
-            sock, self._pending = self._pending, None
-            return sock
-        return self.reconnect(timeout)
+    def handshake(self, sock: socket.socket, key: str, timeout: float) -> None:
+        """The after-restore handshake on the restore's connection (see ``AgentClient.restored``); the
+        client is kept for the first ``open_client``. A VM's clock drifts under emulation, so this
+        client sends the host's every CLOCK_NOTICE_S while it lives."""
+        self._restore_client = AgentClient(sock, clock_notices=True)
+        self.key = key
+        self.restored_info = self._restore_client.restored(key, timeout)
 
-    @abstractmethod
-    def reconnect(self, timeout: float) -> socket.socket:
-        """A new connection to the agent of this running VM."""
+    def open_client(self, timeout: float) -> AgentClient:
+        """The client the restore opened (first call), else one on a new connection."""
+        if self._restore_client is not None:
+            client, self._restore_client = self._restore_client, None
+            return client
+        return AgentClient(self.connect(timeout), clock_notices=True)
 
     def close_handles(self) -> None:
         """Close the VMM's control channels (QMP, API client, forwarders) before the process goes."""
 
     def stop(self) -> None:
-        if self._pending is not None:
-            self._pending.close()
-            self._pending = None
+        if self._restore_client is not None:
+            self._restore_client.close()
+            self._restore_client = None
         self.close_handles()
         super().stop()
         try:
@@ -137,8 +137,47 @@ class Backend(ABC):
         return {"backend": self.name}
 
 
-def connect_unix(path: Path, timeout: float, is_alive=lambda: True) -> socket.socket:
-    """Connect to a unix socket, retrying while it is not there yet.
+class ColdBoot(ABC):
+    """A VM booted from scratch for ``dhvm prepare``: boot it, reach its agent, save it as a snapshot.
+
+    prepare drives it the same way for every backend (``prepare/snapshot.py``): ``boot``, ``connect``,
+    hello and warm-up through an AgentClient, ``save``, ``destroy``. Each backend's own calls (QMP
+    migration, Firecracker's snapshot API) live in its subclass.
+    """
+
+    console: Path
+    """The guest's serial console (kept when a cold boot fails)."""
+    vmm_log: Path
+    """The VMM's own log."""
+
+    @abstractmethod
+    def boot(self) -> None:
+        """Start the VMM and the guest."""
+
+    @abstractmethod
+    def connect(self, timeout: float) -> socket.socket:
+        """A stream to the guest agent (retrying while the VM comes up)."""
+
+    @abstractmethod
+    def alive(self) -> bool:
+        """True while the VMM process runs."""
+
+    @abstractmethod
+    def save(self, work: Path, client: AgentClient) -> dict:
+        """Pause the warmed-up guest and write the snapshot's files into ``work``; returns this backend's
+        part of the snapshot metadata (format, machine, the input files' stamps, sizes, timings)."""
+
+    @abstractmethod
+    def summary(self, meta: dict) -> str:
+        """One progress line about the saved snapshot."""
+
+    @abstractmethod
+    def destroy(self) -> None:
+        """Kill the VMM and remove the cold boot's run directory. Idempotent."""
+
+
+def connect_unix(path: Path, timeout: float, is_alive=lambda: True, what: str = "the agent") -> socket.socket:
+    """Connect to a unix socket that ``what`` serves, retrying while it is not there yet.
 
     Paths longer than the kernel's 108-byte limit are reached through /proc/self/fd.
     """
@@ -161,37 +200,15 @@ def connect_unix(path: Path, timeout: float, is_alive=lambda: True) -> socket.so
             if dfd is not None:
                 os.close(dfd)
         if not is_alive():
-            raise AgentStartError(f"the agent exited before it listened on {path}")
+            raise AgentStartError(f"{what} exited before it listened on {path}")
         if time.monotonic() >= deadline:
-            raise AgentStartError(f"the agent did not listen on {path} within {timeout:.0f}s ({last})")
+            raise AgentStartError(f"{what} did not listen on {path} within {timeout:.0f}s ({last})")
         time.sleep(0.05)
 
 
 def new_key() -> str:
     """A fresh login key for one instance's Deephaven server (256 bits from the host's generator)."""
     return secrets.token_urlsafe(32)
-
-
-def restored_handshake(sock: socket.socket, timeout: float, is_alive: Callable[[], bool], key: str) -> dict:
-    """After a snapshot restore: give the guest the host's clock, fresh entropy and its own login key,
-    so clones of one snapshot neither live in the past, nor share random numbers, nor a key (the
-    snapshot holds none: until this, every login is refused). Returns the agent's answer."""
-    stream = P.FrameStream(sock)
-    # Request id 0: a Session's own ids start at 1, so this exchange cannot be mistaken for one.
-    # The key travels on the agent stream only (a 0600 socket in a 0700 dir, or vsock).
-    stream.send({"op": P.OP_RESTORED, "id": 0, "time_ns": time.time_ns(), "key": key}, [os.urandom(64)])
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not is_alive():
-            raise AgentStartError("the restored agent did not answer")
-        try:
-            frame = stream.recv(timeout=min(left, 1.0))
-        except socket.timeout:
-            continue
-        h = frame.header
-        if h.get("re") == 0 and h.get("ev") == P.EV_DONE:
-            return {k: v for k, v in h.items() if k not in ("ev", "re")}
 
 
 # -- snapshot metadata, shared by the restoring backends -------------------------------------------

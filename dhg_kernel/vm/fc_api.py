@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import FirecrackerAPIError
+
 # The release this build pins and has checked its bodies against.
 DEFAULT_VERSION = "1.16.1"
 # ACPI (1.8) is what lets the Debian kernel find virtio-mmio devices without
@@ -65,15 +67,6 @@ def supports(version: Version, definition: str, field: str) -> bool:
 
 class SpecError(ValueError):
     """A request body that the Firecracker API would reject: caught before it is sent."""
-
-
-class FirecrackerAPIError(Exception):
-    """Firecracker answered an API call with an error."""
-
-    def __init__(self, method: str, path: str, status: int, fault: str, hint: str = ""):
-        self.method, self.path, self.status, self.fault = method, path, status, fault
-        msg = f"Firecracker refused {method} {path} (HTTP {status}): {fault}"
-        super().__init__(msg + (f"\n  next: {hint}" if hint else ""))
 
 
 # Known fault messages (substring, lower case) -> what the user can do about it.

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Layout
+from ..errors import FirecrackerMissing
 from .fc_api import DEFAULT_VERSION, MIN_VERSION, Version, parse_version, spec_beside, version_str
 
 RELEASES_ENV = "DHG_FIRECRACKER_RELEASES"
@@ -30,10 +31,8 @@ ARCH = "x86_64"
 DOWNLOAD_TIMEOUT_S = 60.0
 # A release tarball is ~ 10 MB; anything far bigger is not one.
 MAX_TARBALL_BYTES = 512 * 2**20
-
-
-class FirecrackerMissing(Exception):
-    """No usable Firecracker binary; the message says how to supply one."""
+# The binaries' names in a release directory.
+BINARY = "firecracker"
 
 
 @dataclass(frozen=True)
@@ -50,11 +49,6 @@ class FirecrackerBinary:
         return {"firecracker": str(self.path), "firecracker_version": version_str(self.version),
                 "jailer": str(self.jailer) if self.jailer else None,
                 "spec": str(self.spec) if self.spec else None, "source": self.source}
-
-
-def firecracker_home(layout: Layout) -> Path:
-    """``DHG_HOME/vm/firecracker``: release binaries (per version) and the Firecracker snapshots."""
-    return layout.vm / "firecracker"
 
 
 def tag(version: str) -> str:
@@ -128,7 +122,7 @@ def download(layout: Layout, version: str = DEFAULT_VERSION, base: str | None = 
         raise FirecrackerMissing(f"checksum mismatch for {tarball_url}: sha256 {actual}, but {sums_url} says "
                                  f"{expected}; refusing to use it.\n  To install Firecracker by hand: "
                                  f"{manual_steps(version)}")
-    dest = firecracker_home(layout) / t
+    dest = layout.firecracker_release(t)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -156,7 +150,7 @@ def download(layout: Layout, version: str = DEFAULT_VERSION, base: str | None = 
     (tmp / "SOURCE").write_text(f"{tarball_url}\nsha256 {actual}\n")
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
-    return FirecrackerBinary(dest / "firecracker", parse_version(version), _opt(dest / "jailer"),
+    return FirecrackerBinary(dest / BINARY, parse_version(version), _opt(dest / "jailer"),
                              _opt(dest / f"firecracker_spec-{t}.yaml"), "download")
 
 
@@ -166,9 +160,9 @@ def _opt(p: Path) -> Path | None:
 
 def cached(layout: Layout, version: str = DEFAULT_VERSION) -> FirecrackerBinary | None:
     """A release downloaded earlier (verified then) for ``version``."""
-    d = firecracker_home(layout) / tag(version)
-    if (d / "firecracker").is_file() and (d / "SOURCE").is_file():
-        return FirecrackerBinary(d / "firecracker", parse_version(version), _opt(d / "jailer"),
+    d = layout.firecracker_release(tag(version))
+    if (d / BINARY).is_file() and (d / "SOURCE").is_file():
+        return FirecrackerBinary(d / BINARY, parse_version(version), _opt(d / "jailer"),
                                  _opt(d / f"firecracker_spec-{tag(version)}.yaml"), "download")
     return None
 
@@ -202,7 +196,7 @@ def obtain(layout: Layout, explicit: str | os.PathLike | None = None, version: s
     if have is None:
         if not allow_download:
             raise FirecrackerMissing(f"no firecracker binary (not on PATH, not downloaded under "
-                                     f"{firecracker_home(layout)}) — run: dhvm prepare --backend firecracker, or "
+                                     f"{layout.firecracker}) — run: dhvm prepare --backend firecracker, or "
                                      f"{manual_steps(version)}")
         have = download(layout, version)
     if jailer:

@@ -22,30 +22,29 @@ as the QEMU backend does (clones start with identical random state).
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import glob
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..client import AgentClient
 from ..config import DH_VERSION, Layout
+from ..errors import AgentStartError, BackendUnavailable
 from ..instances import InstanceRecord, new_instance
 from . import netns, vsock
-from .base import (SNAPSHOT_METADATA, AgentStartError, Backend, BackendUnavailable, RestoredInstance,
-                   check_snapshot_inputs, file_stamp, read_snapshot_metadata, require_snapshot_files,
-                   new_key, restored_handshake, write_snapshot_metadata)
+from .base import (SNAPSHOT_METADATA, Backend, ColdBoot, RestoredInstance, check_snapshot_inputs, file_stamp,
+                   new_key, read_snapshot_metadata, require_snapshot_files)
 from .fc_api import (FirecrackerAPI, FirecrackerAPIError, Spec, SpecError, Version, parse_version, spec_beside,
                      supports, version_str)
-from .fc_release import FirecrackerBinary, FirecrackerMissing, firecracker_home, from_path, obtain
-from .qemu import DEFAULT_HEAP, DEFAULT_RAM_MB, GUEST_DH_PORT, Machine as _QemuMachine
+from .fc_release import FirecrackerBinary, FirecrackerMissing, from_path, obtain
+from .host import Check, host_checks
+from .machine import DEFAULT_HEAP, DEFAULT_RAM_MB, GUEST_DH_PORT, guest_cmdline
 
 # The guest agent's AF_VSOCK port. guest/init passes it to the agent (from dhg.vsock_port on the
 # kernel command line, which the boot args below set); init's own fallback must equal it.
@@ -67,10 +66,6 @@ IFACE_ID = "eth0"
 SNAPSHOT_FORMAT = 1
 # A restore is a few hundred ms on KVM; this bounds a broken one.
 RESTORE_TIMEOUT_S = 30.0
-# ioctls of /dev/kvm (linux/kvm.h: _IO(KVMIO=0xAE, n)).
-KVM_GET_API_VERSION = 0xAE00
-KVM_CREATE_VM = 0xAE01
-KVM_API_VERSION = 12
 
 
 # -- the machine and the request bodies -----------------------------------------------------------
@@ -91,8 +86,8 @@ class FcMachine:
 
     @staticmethod
     def kernel_cmdline(heap: str, jvm_opts: str = "", network: bool = False) -> str:
-        """The QEMU guest's command line plus what makes init use vsock (and the TAP, if any)."""
-        words = [_QemuMachine.kernel_cmdline(heap, jvm_opts), "reboot=k", "pci=off", "i8042.noaux",
+        """Every guest's command line plus what makes init use vsock (and the TAP, if any)."""
+        words = [guest_cmdline(heap, jvm_opts), "reboot=k", "pci=off", "i8042.noaux",
                  "dhg.transport=vsock", f"dhg.vsock_port={AGENT_VSOCK_PORT}"]
         if network:
             words += [f"dhg.ip={netns.GUEST_IP}/{netns.TAP_PREFIX}", f"dhg.gw={netns.TAP_HOST_IP}"]
@@ -198,12 +193,6 @@ class FcSnapshot:
     def firecracker_version(self) -> Version:
         return parse_version(self.meta["firecracker_version"])
 
-    def save_to(self, directory: Path) -> "FcSnapshot":
-        """Write metadata.json (atomically, last: its presence marks a complete snapshot)."""
-        data = {**self.meta, "format": SNAPSHOT_FORMAT, "backend": "firecracker"}
-        write_snapshot_metadata(directory, data)
-        return FcSnapshot(directory / VMSTATE_NAME, directory / MEM_NAME, self.disks, data)
-
     @classmethod
     def load_from(cls, directory: Path, vm_dir: Path) -> "FcSnapshot":
         """Read a snapshot; BackendUnavailable (saying to run prepare) if it is missing or stale."""
@@ -228,82 +217,11 @@ class FcSnapshot:
                 "dhvm prepare --backend firecracker --rebuild (or pass --firecracker with the old binary)")
 
 
-def snapshot_dir(layout: Layout, dh_version: str = DH_VERSION) -> Path:
-    """``DHG_HOME/vm/firecracker/snapshots/<dh-version>`` (apart from QEMU's, which prepare swaps whole)."""
-    return firecracker_home(layout) / "snapshots" / dh_version
-
-
 # -- prerequisite checks --------------------------------------------------------------------------
 
 
-@dataclass
-class Check:
-    """One prerequisite: its name, whether it holds, what was found, and what fixes it."""
-
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
-
-    def __str__(self) -> str:
-        return self.detail + (f" — {self.fix}" if self.fix and not self.ok else "")
-
-
-def kvm_create_vm(path: str = "/dev/kvm") -> tuple[bool, str]:
-    """Open /dev/kvm and create (then drop) a VM: proves the module answers, not that a guest boots."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        return False, f"cannot open {path}: {e.strerror}"
-    try:
-        api = fcntl.ioctl(fd, KVM_GET_API_VERSION, 0)
-        if api != KVM_API_VERSION:
-            return False, f"{path} speaks KVM API {api}, not {KVM_API_VERSION}"
-        vm = fcntl.ioctl(fd, KVM_CREATE_VM, 0)
-        os.close(vm)
-        return True, f"{path}: KVM_CREATE_VM ok"
-    except OSError as e:
-        return False, f"KVM_CREATE_VM on {path} failed: {e.strerror}"
-    finally:
-        os.close(fd)
-
-
-def kvm_probe_result(layout: Layout) -> str | None:
-    """The cached result ("kvm"/"tcg") of prepare's QEMU probe boot under KVM on this host, if any."""
-    from ..image import accel_probe_path
-
-    try:
-        return json.loads(accel_probe_path(layout).read_text()).get("accel")
-    except (OSError, ValueError):
-        return None
-
-
-def host_checks(layout: Layout) -> list[Check]:
-    """Linux on x86_64 and a /dev/kvm that can create a VM (and, if it was probed, boot a guest)."""
-    out = [Check("linux", sys.platform == "linux" and platform.machine() == "x86_64",
-                 f"{sys.platform}/{platform.machine()}", "Firecracker runs on Linux x86_64 hosts only")]
-    kvm_ok = os.access("/dev/kvm", os.R_OK | os.W_OK)
-    out.append(Check("kvm_access", kvm_ok, "/dev/kvm is readable and writable" if kvm_ok else
-                     "/dev/kvm is missing or not readable/writable by this user",
-                     "load kvm (modprobe kvm_intel or kvm_amd), enable virtualization (nested, on a cloud VM), "
-                     "and: sudo usermod -aG kvm $USER (then log in again)"))
-    if kvm_ok:
-        ok, detail = kvm_create_vm()
-        out.append(Check("kvm_create_vm", ok, detail, "the KVM module refuses to create a VM; check dmesg"))
-        probed = kvm_probe_result(layout)
-        if probed is not None:
-            out.append(Check("kvm_boots_guest", probed == "kvm",
-                             "a probe boot under KVM reached the guest kernel" if probed == "kvm" else
-                             "a probe boot under KVM failed on this host (cached by dhvm prepare): this KVM "
-                             "cannot run a guest",
-                             "use a host with working (nested) KVM, or: dhvm prepare --backend qemu (TCG)"))
-    return out
-
-
 def kernel_check(layout: Layout) -> Check:
-    from ..image import Artifacts
-
-    kernel = Artifacts(layout.vm, DH_VERSION).kernel
+    kernel = layout.kernel
     try:
         ok = kernel.read_bytes()[:4] == b"\x7fELF" if kernel.stat().st_size else False
     except OSError:
@@ -335,7 +253,7 @@ class FirecrackerInstance(RestoredInstance):
     def vsock_path(self) -> Path:
         return self.root / VSOCK_UDS
 
-    def reconnect(self, timeout: float) -> socket.socket:
+    def connect(self, timeout: float) -> socket.socket:
         return vsock.connect(self.vsock_path, AGENT_VSOCK_PORT, timeout, self.alive)
 
     def close_handles(self) -> None:
@@ -353,7 +271,7 @@ class FirecrackerInstance(RestoredInstance):
 
 
 @dataclass
-class Launch:
+class Launcher:
     """How to start one Firecracker process for an instance (plain, or under the jailer)."""
 
     fc: FirecrackerBinary
@@ -474,13 +392,13 @@ class FirecrackerBackend(Backend):
 
     def _snapshot_meta(self) -> dict:
         try:
-            return json.loads((snapshot_dir(self.layout, self.dh_version) / FcSnapshot.METADATA).read_text())
+            return json.loads((self.layout.firecracker_snapshots(self.dh_version) / FcSnapshot.METADATA).read_text())
         except (OSError, ValueError):
             return {}
 
     def snapshot(self) -> FcSnapshot:
         """The prepared snapshot, checked against its inputs, this binary's version and the options."""
-        snap = FcSnapshot.load_from(snapshot_dir(self.layout, self.dh_version), self.layout.vm)
+        snap = FcSnapshot.load_from(self.layout.firecracker_snapshots(self.dh_version), self.layout.vm)
         snap.check_inputs(self.layout.vm)
         snap.check_version(self.binary().version)
         if self.network and not snap.machine.network:
@@ -519,11 +437,11 @@ class FirecrackerBackend(Backend):
                 return f"{c.name}: {c}"
         return None
 
-    def launch(self, fc: FirecrackerBinary) -> Launch:
+    def launcher(self, fc: FirecrackerBinary) -> Launcher:
         """Plain, or under the jailer given here or recorded by ``dhvm prepare --jailer``."""
         chosen = self.jailer or self._snapshot_meta().get("jailer")
         jailer = Path(chosen) if chosen else None
-        return Launch(fc, jailer, self.jailer_uid, self.jailer_gid)
+        return Launcher(fc, jailer, self.jailer_uid, self.jailer_gid)
 
     # -- start -------------------------------------------------------------------------------------
 
@@ -531,7 +449,7 @@ class FirecrackerBackend(Backend):
         """Restore a fresh VM from the snapshot; returns once the agent has taken the host's clock."""
         fc = self.binary()
         snap = self._snapshot or self.snapshot()
-        return restore(self.layout, self.launch(fc), snap, self.network, self.restore_timeout,
+        return restore(self.layout, self.launcher(fc), snap, self.network, self.restore_timeout,
                        netns_parent=self.netns_parent)
 
     def describe(self) -> dict:
@@ -548,7 +466,7 @@ class FirecrackerBackend(Backend):
         return out
 
 
-def restore(layout: Layout, launch: Launch, snap: FcSnapshot, network: bool = False,
+def restore(layout: Layout, launcher: Launcher, snap: FcSnapshot, network: bool = False,
             timeout: float = RESTORE_TIMEOUT_S, netns_parent: str | None = None) -> FirecrackerInstance:
     """One clone of ``snap`` in a run dir of its own: spawn, load, hand over clock and entropy, forward DH."""
     t0 = time.perf_counter()
@@ -556,25 +474,23 @@ def restore(layout: Layout, launch: Launch, snap: FcSnapshot, network: bool = Fa
     plan = None
     inst: FirecrackerInstance | None = None
     try:
-        rec.info["cleanup"] = launch.cleanup_items(rec)
+        rec.info["cleanup"] = launcher.cleanup_items(rec)
         rec.save()
         if network:
             plan = netns.setup(rec.id, layout.run, netns_parent)
             rec.info["cleanup"].append(plan.cleanup_item())
             rec.info["network"] = {"netns": plan.netns, "guest_ip": netns.GUEST_IP}
             rec.save()
-        root = launch.root(rec)
-        launch.populate(root, {VMSTATE_NAME: snap.vmstate, MEM_NAME: snap.mem, ROOTFS_NAME: snap.disks[ROOT_DRIVE_ID]})
-        proc = launch.spawn(rec, plan)
+        root = launcher.root(rec)
+        launcher.populate(root, {VMSTATE_NAME: snap.vmstate, MEM_NAME: snap.mem, ROOTFS_NAME: snap.disks[ROOT_DRIVE_ID]})
+        proc = launcher.spawn(rec, plan)
         inst = FirecrackerInstance(rec, proc, root, snap)
-        inst.api = FirecrackerAPI(root / API_SOCK, launch.fc.version, load_spec(launch.fc))
+        inst.api = FirecrackerAPI(root / API_SOCK, launcher.fc.version, load_spec(launcher.fc))
         inst.api.wait_ready(is_alive=inst.alive)
         inst.timings["api_ms"] = _ms(t0)
-        send(inst.api, restore_calls(launch.fc.version, network))
+        send(inst.api, restore_calls(launcher.fc.version, network))
         inst.timings["loaded_ms"] = _ms(t0)
-        inst._pending = vsock.connect(inst.vsock_path, AGENT_VSOCK_PORT, timeout, inst.alive)
-        inst.key = new_key()
-        inst.restored_info = restored_handshake(inst._pending, timeout, inst.alive, inst.key)
+        inst.handshake(vsock.connect(inst.vsock_path, AGENT_VSOCK_PORT, timeout, inst.alive), new_key(), timeout)
         inst.forwarder = vsock.PortForwarder(inst.vsock_path, GUEST_DH_PORT)
         inst.timings["ready_ms"] = _ms(t0)
     except Exception as e:
@@ -590,7 +506,7 @@ def restore(layout: Layout, launch: Launch, snap: FcSnapshot, network: bool = Fa
         raise AgentStartError(f"Firecracker restore from {snap.dir} failed: {e}\n--- guest console / {FC_LOG} ---\n"
                               f"{tail}\nIf the snapshot is stale, run: dhvm prepare --backend firecracker --rebuild") from None
     port = inst.forwarder.port
-    rec.info.update({"snapshot": str(snap.dir), "firecracker_version": version_str(launch.fc.version),
+    rec.info.update({"snapshot": str(snap.dir), "firecracker_version": version_str(launcher.fc.version),
                      "deephaven_port": port, "deephaven_url": f"http://127.0.0.1:{port}/ide/",
                      "restore_ms": inst.timings["ready_ms"]})
     rec.save()
@@ -600,19 +516,23 @@ def restore(layout: Layout, launch: Launch, snap: FcSnapshot, network: bool = Fa
 # -- the cold boot (used by dhvm prepare) ---------------------------------------------------------
 
 
-class ColdBoot:
-    """A freshly booted VM for ``dhvm prepare``: boot, hand over the agent stream, snapshot, finish."""
+class FcColdBoot(ColdBoot):
+    """A VM booted from scratch through Firecracker's API for ``dhvm prepare``; ``save`` pauses it and
+    writes a full snapshot. The cold boot runs unjailed (prepare is root anyway); the snapshot's
+    relative paths restore in a chroot too."""
 
-    def __init__(self, layout: Layout, launch: Launch, machine: FcMachine, log: Callable[[str], None],
-                 netns_parent: str | None = None):
+    def __init__(self, layout: Layout, launcher: "Launcher", machine: FcMachine, log: Callable[[str], None],
+                 netns_parent: str | None = None, restore_jailer: str | None = None):
         self.layout = layout
-        self.launch = launch
+        self.restore_jailer = restore_jailer
+        """The jailer every restore of this snapshot runs under (recorded in its metadata), if any."""
+        self.launcher = launcher
         self.machine = machine
         self.log = log
         self.netns_parent = netns_parent
         # The cold-boot VM is an instance like any other, so a killed prepare leaves nothing behind.
         self.rec = new_instance(layout, "firecracker-prepare")
-        self.root = launch.root(self.rec)
+        self.root = launcher.root(self.rec)
         self.proc: subprocess.Popen | None = None
         self.api: FirecrackerAPI | None = None
         self.plan: netns.NetPlan | None = None
@@ -621,12 +541,16 @@ class ColdBoot:
     def console(self) -> Path:
         return Path(self.rec.dir) / CONSOLE_LOG
 
+    @property
+    def vmm_log(self) -> Path:
+        return self.root / FC_LOG
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def boot(self) -> None:
         vm = self.layout.vm
-        self.rec.info["cleanup"] = self.launch.cleanup_items(self.rec)
+        self.rec.info["cleanup"] = self.launcher.cleanup_items(self.rec)
         self.rec.save()
         if self.machine.network:
             self.plan = netns.setup(self.rec.id, self.layout.run, self.netns_parent)
@@ -635,36 +559,47 @@ class ColdBoot:
         files = {KERNEL_NAME: vm / self.machine.kernel, ROOTFS_NAME: vm / self.machine.rootfs}
         if self.machine.initrd:
             files[INITRD_NAME] = vm / self.machine.initrd
-        self.launch.populate(self.root, files)
-        self.proc = self.launch.spawn(self.rec, self.plan)
-        self.api = FirecrackerAPI(self.root / API_SOCK, self.launch.fc.version, load_spec(self.launch.fc))
+        self.launcher.populate(self.root, files)
+        self.proc = self.launcher.spawn(self.rec, self.plan)
+        self.api = FirecrackerAPI(self.root / API_SOCK, self.launcher.fc.version, load_spec(self.launcher.fc))
         self.api.wait_ready(is_alive=self.alive)
-        send(self.api, cold_boot_calls(self.machine, self.launch.fc.version))
+        send(self.api, cold_boot_calls(self.machine, self.launcher.fc.version))
         self.log("firecracker API calls:\n" + "\n".join(f"  {m} {p} {json.dumps(b)}" for m, p, b in self.api.calls))
 
-    def connect_agent(self, timeout: float) -> socket.socket:
+    def connect(self, timeout: float) -> socket.socket:
         return vsock.connect(self.root / VSOCK_UDS, AGENT_VSOCK_PORT, timeout, self.alive)
 
-    def snapshot(self, dest: Path) -> tuple[Path, Path, float]:
-        """Pause, write vmstate + mem, move them to ``dest`` (mem made read-only). Returns their paths and seconds."""
+    def save(self, work: Path, client: AgentClient) -> dict:
+        """Pause, write vmstate + mem, move them into ``work`` (mem made read-only); returns the
+        snapshot's Firecracker part of the metadata."""
         assert self.api is not None
+        # A snapshot resets every vsock connection; closing ours first leaves the agent in accept().
+        client.close()
+        time.sleep(0.2)
         t0 = time.monotonic()
-        send(self.api, snapshot_calls(self.launch.fc.version))
-        secs = time.monotonic() - t0
-        self.finish()
-        dest.mkdir(parents=True, exist_ok=True)
-        out = []
+        send(self.api, snapshot_calls(self.launcher.fc.version))
+        save_s = time.monotonic() - t0
+        self._stop_vmm()
         for name in (VMSTATE_NAME, MEM_NAME):
             src = self.root / name
             with open(src, "rb+") as fh:
                 os.fsync(fh.fileno())  # on disk before the snapshot is declared done
-            shutil.move(str(src), dest / name)
-            os.chmod(dest / name, 0o400)  # clones map it privately; nothing may ever write it
-            out.append(dest / name)
-        return out[0], out[1], secs
+            shutil.move(str(src), work / name)
+            os.chmod(work / name, 0o400)  # clones map it privately; nothing may ever write it
+        fc = self.launcher.fc
+        mem, vmstate = work / MEM_NAME, work / VMSTATE_NAME
+        return new_snapshot_meta(
+            fc, self.machine, self.layout.vm, guest_port=GUEST_DH_PORT,
+            jailer=self.restore_jailer,
+            sizes={"mem_bytes": mem.stat().st_size, "mem_allocated_bytes": mem.stat().st_blocks * 512,
+                   "vmstate_bytes": vmstate.stat().st_size},
+            timings={"snapshot_s": round(save_s, 2)})
 
-    def finish(self) -> None:
-        """Stop the Firecracker process (the snapshot files stay in the root until moved)."""
+    def summary(self, meta: dict) -> str:
+        return (f"memory {meta['sizes']['mem_allocated_bytes'] / 2**20:.0f} MB used of {self.machine.ram_mb} MB, "
+                f"saved in {meta['timings']['snapshot_s']:.2f}s")
+
+    def _stop_vmm(self) -> None:
         if self.api is not None:
             self.api.close()
             self.api = None
@@ -675,14 +610,15 @@ class ColdBoot:
     def destroy(self) -> None:
         from ..instances import destroy
 
-        self.finish()
+        self._stop_vmm()
         destroy(self.rec)
 
 
 def new_snapshot_meta(fc: FirecrackerBinary, machine: FcMachine, vm_dir: Path, **extra) -> dict:
     """The metadata every Firecracker snapshot records (version, machine, input stamps, when)."""
     files = {machine.rootfs: file_stamp(vm_dir / machine.rootfs)}
-    return {"backend": "firecracker", "firecracker_version": version_str(fc.version), "firecracker": str(fc.path),
+    return {"backend": "firecracker", "format": SNAPSHOT_FORMAT,
+            "firecracker_version": version_str(fc.version), "firecracker": str(fc.path),
             "machine": asdict(machine), "files": files, "agent_vsock_port": AGENT_VSOCK_PORT, "guest_cid": GUEST_CID,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra}
 
@@ -691,6 +627,6 @@ def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 1)
 
 
-__all__ = ["AGENT_VSOCK_PORT", "Call", "Check", "ColdBoot", "FcMachine", "FcSnapshot", "FirecrackerBackend",
-           "FirecrackerInstance", "Launch", "cold_boot_calls", "restore", "restore_calls", "snapshot_calls",
-           "snapshot_dir", "FirecrackerAPIError", "SpecError"]
+__all__ = ["AGENT_VSOCK_PORT", "Call", "Check", "FcColdBoot", "FcMachine", "FcSnapshot", "FirecrackerBackend",
+           "FirecrackerInstance", "Launcher", "cold_boot_calls", "restore", "restore_calls", "snapshot_calls",
+           "FirecrackerAPIError", "SpecError"]

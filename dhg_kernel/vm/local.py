@@ -12,18 +12,12 @@ import subprocess
 import sys
 
 from ..config import AGENT_START_TIMEOUT_S, Layout
-from ..guest_java import JavaBuildError, local_classes
+from ..guest_java import local_classes
 from ..instances import new_instance
 from .base import AgentStartError, Backend, BackendUnavailable, Instance, connect_unix, new_key
 
 
-def agent_script() -> str:
-    """Path of the guest agent's source file (``guest/agent.py``, packaged as ``dhg_kernel.guest``)."""
-    spec = importlib.util.find_spec("dhg_kernel.guest.agent")
-    if spec is None or not spec.origin:
-        raise BackendUnavailable("the guest agent (dhg_kernel.guest.agent) is missing from this install; "
-                                 "reinstall: pip install -e '.[local]'")
-    return spec.origin
+AGENT_MODULE = "dhg_kernel.guest.agent"
 
 
 class LocalInstance(Instance):
@@ -73,13 +67,10 @@ class LocalBackend(Backend):
 
     def start(self) -> LocalInstance:
         self.check()
-        try:
-            classes = local_classes(self.layout.cache)
-        except JavaBuildError as e:
-            raise BackendUnavailable(str(e)) from None
+        classes = local_classes(self.layout.cache)  # JavaBuildError (a BackendUnavailable) says what to install
         rec = new_instance(self.layout, self.name)
         sock = os.path.join(rec.dir, "agent.sock")
-        cmd = [self.python, agent_script(), "--socket", sock,
+        cmd = [self.python, "-m", AGENT_MODULE, "--socket", sock,
                "--workdir", os.path.join(rec.dir, "work"), "--heap", self.heap,
                "--owner-pid", str(os.getpid()), "--classes", str(classes)]
         env = dict(os.environ)
@@ -89,7 +80,8 @@ class LocalBackend(Backend):
         # The server's login key: in the environment (readable only by this uid), never in argv.
         key = new_key()
         env["DHG_KEY"] = key
-        # The agent imports dhg_kernel.protocol: make this very copy importable, whatever the Python.
+        # The agent is dhg_kernel.guest.agent and imports dhg_kernel.protocol: make this very copy
+        # importable, whatever the Python.
         pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
         with open(os.path.join(rec.dir, "agent.log"), "ab") as log:

@@ -25,6 +25,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..errors import NetworkSetupError
+
 TAP_NAME = "dhg-tap0"
 TAP_HOST_IP = "172.16.0.1"
 GUEST_IP = "172.16.0.2"
@@ -36,10 +38,6 @@ NETNS_RUN_DIR = "/run/netns"
 NETNS_PREFIX = "dhg-"
 CLEANUP_KIND = "netns"
 _CLONE_NEWNET = 0x40000000
-
-
-class NetworkSetupError(Exception):
-    """Guest networking could not be set up; the message says what is missing."""
 
 
 @dataclass

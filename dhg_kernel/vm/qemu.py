@@ -1,6 +1,6 @@
 """The QEMU backend: a ``microvm`` restored from a snapshot, agent stream over virtio-serial.
 
-Snapshot layout (made by ``image.prepare``): the guest's RAM is a plain file (``mem``) that the
+Snapshot layout (made by ``dhvm prepare`` through ``QemuColdBoot``): the guest's RAM is a plain file (``mem``) that the
 cold-boot VM mapped shared, so it *is* the memory image; the migration stream (``state``) holds
 only device state because of the ``x-ignore-shared`` capability. A restore maps ``mem`` privately
 (copy-on-write, read lazily from the page cache) and loads the few-KB ``state``: no 0.8 GB read,
@@ -23,23 +23,25 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
+from ..client import AgentClient
 from ..config import DH_VERSION, Layout
-from ..instances import new_instance
-from ..qmp import QMPClient
-from .base import (AgentStartError, Backend, BackendUnavailable, RestoredInstance, check_snapshot_inputs, connect_unix,
-                   read_snapshot_metadata, require_snapshot_files, new_key, restored_handshake, write_snapshot_metadata, SNAPSHOT_METADATA)
+from ..errors import AgentStartError, BackendUnavailable
+from ..instances import destroy, new_instance
+from .base import (SNAPSHOT_METADATA, Backend, ColdBoot, RestoredInstance, check_snapshot_inputs, connect_unix,
+                   file_stamp, new_key, read_snapshot_metadata, require_snapshot_files)
+from .host import kvm_usable
+from .machine import DEFAULT_HEAP, DEFAULT_RAM_MB, GUEST_DH_PORT, guest_cmdline
+from .qmp import Monitor, QMPCommandError
 
 QEMU_BINARY = "qemu-system-x86_64"
 # The JVM dies under TCG with -cpu max (SIGILL) and multi-threaded TCG (SIGSEGV): see DESIGN.md.
 TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16"
 TCG_ACCEL = "tcg,thread=single"
-DEFAULT_RAM_MB = 2560
-DEFAULT_HEAP = "1536m"
 # Under TCG, C2 compiles cost more than they win: C1 only halves the cold boot (129 s -> 65 s) and
 # the first new-formula cell after a restore (12.7 s -> 5.2 s), measured on this project's machines.
 TCG_JVM_OPTS = "-XX:TieredStopAtLevel=1"
-GUEST_DH_PORT = 10000
 AGENT_PORT_NAME = "dhg.agent"
 SNAPSHOT_FORMAT = 1
 # A restore normally takes well under a second; this bounds a broken one.
@@ -84,14 +86,8 @@ class Machine:
 
     @staticmethod
     def kernel_cmdline(heap: str, jvm_opts: str = "") -> str:
-        """The guest kernel command line: our init as PID 1 on a read-only root, settings as dhg.*."""
-        # tsc=reliable: without it the kernel's clocksource watchdog (checking against jiffies, which lose
-        # ticks under emulation) leaves only jiffies, and the guest clock falls behind whenever the host is busy.
-        words = ["console=ttyS0", "root=/dev/vda", "ro", "rootfstype=ext4", "init=/opt/dhg/init", "panic=-1",
-                 "quiet", "loglevel=4", "tsc=reliable", f"dhg.heap={heap}", f"dhg.dhport={GUEST_DH_PORT}"]
-        if jvm_opts.strip():
-            words.append("dhg.jvm=" + ",".join(jvm_opts.split()))  # init turns the commas back into spaces
-        return " ".join(words)
+        """The guest kernel command line (see ``machine.guest_cmdline``)."""
+        return guest_cmdline(heap, jvm_opts)
 
     def argv(self, vm_dir: Path, qemu: str, mem_path: Path, shared: bool, host_port: int,
              incoming: bool) -> list[str]:
@@ -153,10 +149,6 @@ class Snapshot:
     def metadata_path(self) -> Path:
         return self.dir / self.METADATA
 
-    def save(self) -> None:
-        """Write metadata.json last (atomically): its presence marks a complete snapshot."""
-        write_snapshot_metadata(self.dir, {**self.meta, "format": SNAPSHOT_FORMAT, "machine": asdict(self.machine)})
-
     @classmethod
     def load(cls, directory: Path) -> "Snapshot":
         """Read a snapshot; BackendUnavailable (saying to run prepare) if it is missing or stale."""
@@ -171,7 +163,7 @@ class Snapshot:
 
 
 class QemuInstance(RestoredInstance):
-    """One restored microVM (one QEMU process) and the connection made during its restore."""
+    """One restored microVM (one QEMU process) and the client made during its restore."""
 
     vmm_log = "qemu.log"
 
@@ -179,20 +171,18 @@ class QemuInstance(RestoredInstance):
         super().__init__(record, proc)
         self.host_port = host_port
         self.snapshot = snapshot
-        self.qmp: QMPClient | None = None
 
     @property
     def socket_path(self) -> Path:
         return self.dir / "agent.sock"
 
-    def reconnect(self, timeout: float) -> socket.socket:
+    def connect(self, timeout: float) -> socket.socket:
         # QEMU's socket chardev serves one client at a time: a second concurrent one waits.
         return connect_unix(self.socket_path, timeout, self.alive)
 
-    def close_handles(self) -> None:
-        if self.qmp is not None:
-            self.qmp.close()
-            self.qmp = None
+    def monitor(self, timeout: float = 10.0) -> Monitor:
+        """A QMP connection to this VM's QEMU (close it in the thread that opened it)."""
+        return Monitor.connect(self.dir / "qmp.sock", timeout=timeout, is_alive=self.alive)
 
     def describe(self) -> dict:
         return {**super().describe(), "accel": self.snapshot.machine.accel, "snapshot": str(self.snapshot.dir),
@@ -225,7 +215,7 @@ class QemuBackend(Backend):
         if self.accel not in ("auto", snap.machine.accel):
             raise BackendUnavailable(f"the snapshot was made with accel={snap.machine.accel}, not {self.accel} "
                                      f"— run: dhvm prepare --accel {self.accel} --rebuild")
-        if snap.machine.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        if snap.machine.accel == "kvm" and not kvm_usable():
             raise BackendUnavailable("the snapshot needs KVM but /dev/kvm is not usable — run: dhvm prepare --accel tcg")
         self._snapshot = snap
         return snap
@@ -266,24 +256,23 @@ class QemuBackend(Backend):
         rec.save()
         inst = QemuInstance(rec, proc, port, snap)
         try:
-            inst.qmp = QMPClient.connect(inst.dir / "qmp.sock", timeout=self.restore_timeout, is_alive=inst.alive)
-            inst.timings["qmp_ms"] = _ms(t0)
-            for name in ("agent.sock", "qmp.sock"):
-                os.chmod(inst.dir / name, 0o600)  # owner only (the run dir is 0700 as well)
-            inst.qmp.execute("migrate-set-capabilities",
-                             {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
-            # Connect before the guest runs: the port is then open at resume and the agent's pending
-            # read (from the snapshot) gets our first frame at once.
-            inst._pending = connect_unix(inst.socket_path, self.restore_timeout, inst.alive)
-            inst.qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(snap.state))}"})
-            inst.qmp.migrate_wait(timeout=self.restore_timeout, poll=0.002)
-            inst.timings["loaded_ms"] = _ms(t0)
-            # The snapshot was taken paused; the migrated run state keeps it paused until told.
-            inst.qmp.execute("cont")
+            # The monitor is only needed for the restore: it is closed in this thread (see vm/qmp.py).
+            with inst.monitor(self.restore_timeout) as qmp:
+                inst.timings["qmp_ms"] = _ms(t0)
+                for name in ("agent.sock", "qmp.sock"):
+                    os.chmod(inst.dir / name, 0o600)  # owner only (the run dir is 0700 as well)
+                qmp.execute("migrate-set-capabilities",
+                            {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+                # Connect before the guest runs: the port is then open at resume and the agent's pending
+                # read (from the snapshot) gets our first frame at once.
+                sock = connect_unix(inst.socket_path, self.restore_timeout, inst.alive)
+                qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(snap.state))}"})
+                qmp.migrate_wait(timeout=self.restore_timeout, poll=0.002)
+                inst.timings["loaded_ms"] = _ms(t0)
+                # The snapshot was taken paused; the migrated run state keeps it paused until told.
+                qmp.execute("cont")
             inst.timings["resumed_ms"] = _ms(t0)
-            assert inst._pending is not None
-            inst.key = new_key()
-            inst.restored_info = restored_handshake(inst._pending, self.restore_timeout, inst.alive, inst.key)
+            inst.handshake(sock, new_key(), self.restore_timeout)
             inst.timings["ready_ms"] = _ms(t0)
         except Exception as e:
             tail = inst.log_tail()
@@ -307,6 +296,103 @@ class QemuBackend(Backend):
         if self.heap_requested and self.heap_requested != out.get("heap"):
             out["note"] = f"heap {self.heap_requested} requested, but the snapshot's JVM has {out.get('heap')}"
         return out
+
+
+class QemuColdBoot(ColdBoot):
+    """A VM booted from scratch for ``dhvm prepare``, its RAM in a shared file that becomes the snapshot's
+    ``mem``; ``save`` pauses it and migrates only the device state (``x-ignore-shared``) into ``state``.
+
+    The cold-boot VM is an instance like any other, so a killed prepare leaves no QEMU behind.
+    """
+
+    def __init__(self, layout: Layout, qemu: str, machine: Machine, work: Path, log: Callable[[str], None]):
+        self.layout = layout
+        self.qemu = qemu
+        self.machine = machine
+        self.work = work
+        self.log = log
+        self.rec = new_instance(layout, "qemu-prepare")
+        self.proc: subprocess.Popen | None = None
+        self.monitor: Monitor | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.rec.dir)
+
+    @property
+    def console(self) -> Path:
+        return self.run_dir / "agent.log"
+
+    @property
+    def vmm_log(self) -> Path:
+        return self.run_dir / "qemu.log"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def boot(self) -> None:
+        argv = self.machine.argv(self.layout.vm, self.qemu, self.work / "mem", shared=True, host_port=free_port(),
+                                 incoming=False)
+        self.log("$ " + " ".join(argv))
+        with open(self.vmm_log, "wb") as qlog:
+            self.proc = subprocess.Popen(argv, cwd=self.run_dir, stdin=subprocess.DEVNULL, stdout=qlog,
+                                         stderr=subprocess.STDOUT, start_new_session=True, umask=0o077)
+        self.rec.add_process(self.proc.pid, "qemu")
+        self.monitor = Monitor.connect(self.run_dir / "qmp.sock", timeout=30, is_alive=self.alive)
+
+    def connect(self, timeout: float) -> socket.socket:
+        return connect_unix(self.run_dir / "agent.sock", timeout, self.alive)
+
+    def save(self, work: Path, client: AgentClient) -> dict:
+        """Pause, write the device state; the RAM file is already in ``work``. Returns the snapshot's
+        QEMU part of the metadata.
+
+        The agent stream stays open across the snapshot: the restored agent then sits in a read on a
+        connected port, and a clone's first frame reaches it without a reconnect."""
+        assert self.monitor is not None and self.proc is not None
+        t0 = time.monotonic()
+        state = work / "state"
+        self.monitor.execute("stop")
+        self.monitor.execute("migrate-set-capabilities",
+                             {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+        self.monitor.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"})
+        mig = self.monitor.migrate_wait(timeout=300)
+        save_s = time.monotonic() - t0
+        try:
+            self.monitor.execute("quit")
+        except QMPCommandError:
+            pass  # QEMU may close the monitor before it answers
+        self.monitor.close()
+        self.monitor = None
+        self.proc.wait(timeout=30)
+        mem = work / "mem"
+        with open(mem, "rb+") as fh:
+            os.fsync(fh.fileno())  # the memory image must be on disk before it is declared done
+        vm, m = self.layout.vm, self.machine
+        return {
+            "backend": "qemu", "format": SNAPSHOT_FORMAT, "machine": asdict(m), "accel": m.accel,
+            "qemu_version": qemu_version(self.qemu), "guest_port": GUEST_DH_PORT,
+            "files": {m.kernel: file_stamp(vm / m.kernel), m.rootfs: file_stamp(vm / m.rootfs),
+                      **({m.initrd: file_stamp(vm / m.initrd)} if m.initrd else {})},
+            "sizes": {"mem_bytes": mem.stat().st_size, "mem_allocated_bytes": mem.stat().st_blocks * 512,
+                      "state_bytes": state.stat().st_size, "rootfs_bytes": (vm / m.rootfs).stat().st_size,
+                      "rootfs_allocated_bytes": (vm / m.rootfs).stat().st_blocks * 512},
+            "timings": {"snapshot_s": round(save_s, 2), "migration_bytes": (mig.get("ram") or {}).get("transferred")},
+        }
+
+    def summary(self, meta: dict) -> str:
+        sizes = meta["sizes"]
+        return (f"memory {sizes['mem_allocated_bytes'] / 2**20:.0f} MB used of {self.machine.ram_mb} MB, device "
+                f"state {sizes['state_bytes'] / 1024:.0f} KB, saved in {meta['timings']['snapshot_s']:.2f}s")
+
+    def destroy(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        destroy(self.rec)
 
 
 class _PortTaken(Exception):
