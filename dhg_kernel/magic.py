@@ -24,7 +24,9 @@ from .result import CellResult, RemoteValue
 from .session import Session
 from .tables import DTYPE_BACKENDS
 
-LINE_COMMANDS = ("status", "tables", "stats", "fetch", "reset", "stop")
+# Pixels of an embedded table or figure view (%dhvm ide NAME).
+IDE_FRAME_HEIGHT = 420
+LINE_COMMANDS = ("status", "tables", "stats", "fetch", "ide", "reset", "stop")
 
 
 @magics_class
@@ -98,13 +100,14 @@ class Dhvm(Magics):
     @argument("--per-cell", action="store_true",
               help="Run this cell in a fresh server that is destroyed afterwards (Dhvm.mode for every cell).")
     @argument("command", nargs="*",
-              help="Line magic only: status | tables | stats | fetch NAME | reset | stop, or code to run.")
+              help="Line magic only: status | tables | stats | fetch NAME | ide [NAME] | reset | stop, or code to run.")
     @line_cell_magic
     def dhvm(self, line: str, cell: str | None = None):
         """Run the cell in a Deephaven server inside a microVM; tables come back as DataFrames.
 
         Line magic: ``%dhvm status``, ``%dhvm tables``, ``%dhvm stats``, ``%dhvm fetch NAME``,
-        ``%dhvm reset`` (a fresh server), ``%dhvm stop``; anything else is run as code.
+        ``%dhvm ide [NAME]`` (the web UI: the console, or a table or figure), ``%dhvm reset`` (a fresh
+        server), ``%dhvm stop``; anything else is run as code.
         """
         if cell is None:
             words = line.split()
@@ -135,6 +138,10 @@ class Dhvm(Magics):
             if len(rest) != 1:
                 raise UsageError("usage: %dhvm fetch TABLE_NAME")
             return self.session.fetch(rest[0], self.max_rows, self.dtype_backend).df
+        if cmd == "ide":
+            if len(rest) > 1:
+                raise UsageError("usage: %dhvm ide [NAME] (a table or figure; no name: the console)")
+            return self._show_ide(rest[0] if rest else None)
         if cmd == "reset":
             self.session.reset()
             print("dhvm: the server was discarded; the next cell starts a fresh one.")
@@ -144,6 +151,20 @@ class Dhvm(Magics):
             print("dhvm: stopped.")
             return None
         raise UsageError(f"unknown command {cmd!r}; choose one of: {', '.join(LINE_COMMANDS)}")
+
+    def _show_ide(self, name: str | None) -> None:
+        """A link to the server's web UI (and, for a table or figure, the view itself, embedded)."""
+        import html
+
+        from IPython.display import display
+
+        url = self.session.ide_url(name)
+        what = f"{name} in Deephaven's web UI" if name else "Deephaven's web UI (console)"
+        # The link carries this instance's key: it works while this session's server lives, from this machine.
+        link = f'<a href="{html.escape(url)}" target="_blank" rel="noopener">Open {html.escape(what)}</a>'
+        frame = f'<iframe src="{html.escape(url)}" width="100%" height="{IDE_FRAME_HEIGHT}" ' \
+                f'style="border:1px solid #ccc"></iframe>' if name else ""
+        display({"text/plain": f"{what}: {url}", "text/html": link + (f"<br>{frame}" if frame else "")}, raw=True)
 
     def _run(self, code: str, args):
         workspace = Path(os.getcwd())

@@ -36,6 +36,10 @@ __all__ = ["Session", "DhvmError", "AgentDied", "AgentUnresponsive", "AnswerAban
 PSK_AUTH_TYPE = "io.deephaven.authentication.psk.PskAuthenticationHandler"
 
 
+# Objects Deephaven's web UI shows as a widget (``/iframe/widget/``), by class name: Deephaven's Figure
+# and plotly-express's figures.
+WEB_WIDGET_TYPES = ("Figure", "DeephavenFigure")
+
 # A file whose status changed this close to when it was read may change again within the same clock
 # tick without its ctime moving: its status is not trusted, its content is compared (racy-git rule).
 RACY_WINDOW_NS = 2_000_000_000
@@ -466,6 +470,41 @@ class Session:
         label = html.escape(f"Deephaven figure {name}: open it in the web UI{lasts}")
         return {**data, "text/plain": f"Deephaven figure {name}: {url}{lasts}",
                 "text/html": f'<a href="{html.escape(url)}" target="_blank" rel="noopener">{label}</a>'}
+
+    def ide_url(self, name: str | None = None) -> str:
+        """The server's web UI, logged in with this instance's key: the whole console, or one table or
+        figure (Deephaven's ``/iframe/table/`` and ``/iframe/widget/`` views) by the variable holding it.
+        Starts the session's server if needed; a name that holds neither is a UsageError."""
+        if self.mode == "per-cell":
+            raise self._per_cell_note("no server to open")
+        with self._lock:
+            self.start()
+            assert self.live is not None
+            query: dict[str, str] = {}
+            path = "/ide/"
+            if name is not None:
+                path = f"/iframe/{self._web_kind(self.live, name)}/"
+                query["name"] = name
+            if self.live.instance.key:
+                query["psk"] = self.live.instance.key
+            host, port = self.deephaven_address() or ("127.0.0.1", 0)
+            return f"http://{host}:{port}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+
+    def _web_kind(self, live: ReadyAgent, name: str) -> str:
+        """"table" or "widget" (a figure): which web UI view shows the object ``name`` holds."""
+        if not name.isidentifier():
+            raise UsageError(f"{name!r} is not a variable name; write %dhvm ide NAME (or %dhvm ide for the console)")
+        if any(t["name"] == name for t in self._request(live, {"op": P.OP_TABLES})["tables"]):
+            return "table"
+        found = self._request(live, {"op": P.OP_INSPECT, "code": name, "cursor_pos": len(name), "detail_level": 0})
+        if not found.get("found"):
+            raise UsageError(f"there is no table or figure named {name!r} in the session (%dhvm tables lists the "
+                             f"tables); %dhvm ide without a name opens the console")
+        kind = (found.get("data", {}).get("text/plain", "").splitlines() or [""])[0].partition(": ")[2]
+        if kind.rsplit(".", 1)[-1] in WEB_WIDGET_TYPES:
+            return "widget"
+        raise UsageError(f"{name!r} is a {kind or 'value'}, which Deephaven's web UI does not show; it shows "
+                         f"tables and figures. %dhvm ide without a name opens the console")
 
     def deephaven_url(self) -> str | None:
         """The web IDE of the session's server, logged in with this instance's key (give it to no one)."""

@@ -112,6 +112,21 @@ def test_line_magic_status_and_tables(ip):
     assert "listed_t" in res.result["name"].tolist()
 
 
+def test_ide_shows_a_link_and_the_tables_view_and_a_clear_error_for_other_names(ip):
+    run(ip, "%%dhvm\nfrom deephaven import empty_table\nide_t = empty_table(3)\nide_n = 7")
+    res, cap = run(ip, "%dhvm ide ide_t")
+    assert res.success
+    (shown,) = [o.data for o in cap.outputs]
+    assert "/iframe/table/?name=ide_t&psk=" in shown["text/plain"]
+    assert '<a href="' in shown["text/html"] and "<iframe src=" in shown["text/html"]
+    res, cap = run(ip, "%dhvm ide")
+    (shown,) = [o.data for o in cap.outputs]
+    assert "/ide/?psk=" in shown["text/plain"] and "<iframe" not in shown["text/html"], "the console is a link only"
+    res, cap = run(ip, "%dhvm ide ide_n")
+    assert not res.success and "UsageError" in cap.stdout and "builtins.int" in cap.stdout
+    assert "Traceback" not in cap.stdout, "a DhvmError shows as its message alone"
+
+
 def test_reset_gives_a_fresh_server(ip):
     run(ip, "%%dhvm\nkeep_me = 1")
     res, cap = run(ip, "%%dhvm\nprint(keep_me)")

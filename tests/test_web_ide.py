@@ -61,3 +61,34 @@ def test_a_deephaven_figures_link_opens_the_chart(browser, dhg_home):
         assert "Login" in text, "without the key the chart is not shown"
     finally:
         s.stop()
+
+
+def test_ide_opens_the_console_a_table_or_a_figure_and_says_why_not_for_anything_else(browser, dhg_home):
+    """`%dhvm ide [NAME]`'s URL: the console, a table's own view, a figure's view — logged in; a name
+    that holds something else, or nothing, is a clear error."""
+    from dhg_kernel.errors import UsageError
+    from dhg_kernel.session import Session
+
+    s = Session("local", dhg_home, heap="768m")
+    try:
+        r = s.execute("from deephaven import empty_table\nfrom deephaven.plot.figure import Figure\n"
+                      "prices = empty_table(5).update(['Sym = `S` + i', 'Px = i * 2.5'])\n"
+                      "chart = Figure().plot_xy(series_name='s', t=prices, x='Px', y='Px').show()\nanswer = 42")
+        assert r.ok, r.error
+        key = s.instance.key
+        assert s.ide_url() == s.deephaven_url()
+        table_url = s.ide_url("prices")
+        assert "/iframe/table/?name=prices&psk=" + key in table_url
+        text = _open(browser, table_url, "ide-table.png", ".iris-grid")
+        assert "Login" not in text
+        figure_url = s.ide_url("chart")
+        assert "/iframe/widget/?name=chart&psk=" + key in figure_url
+        _open(browser, figure_url, "ide-figure.png", ".js-plotly-plot")
+        with pytest.raises(UsageError, match="'answer' is a builtins.int, which Deephaven's web UI does not show"):
+            s.ide_url("answer")
+        with pytest.raises(UsageError, match="no table or figure named 'missing'"):
+            s.ide_url("missing")
+        with pytest.raises(UsageError, match="not a variable name"):
+            s.ide_url("prices; import os")
+    finally:
+        s.stop()
