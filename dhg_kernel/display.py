@@ -19,7 +19,7 @@ class _RemoteTraceback:
         if not lines or not lines[-1].startswith(self.error.name) or self.error.value not in lines[-1]:
             # (also when the session reworded the error, e.g. "timed out", "instance replaced")
             lines.append(f"\x1b[0;31m{self.error.name}\x1b[0m: {self.error.value}".rstrip(": "))
-        head = ["\x1b[0;36m--- in the Deephaven VM ---\x1b[0m"]
+        head = ["\x1b[0;36m--- in the Deephaven server ---\x1b[0m"]
         if self.error.summary:
             # The useful lines first; the whole Java and Python trace follows for whoever needs it.
             head += [f"\x1b[1;31m{self.error.summary[0]}\x1b[0m", *self.error.summary[1:],

@@ -3,7 +3,8 @@ browser download) opens `jupyter lab`, picks "Deephaven microVM" in the launcher
 way a user does (typed into the cell editor, Shift+Enter); the checks read the rendered DOM.
 
 The tests of one backend share one JupyterLab and one notebook and run in file order: the first
-cell makes the table ``t`` that later cells use. Screenshots land in build/test-artifacts/
+cell makes the table ``t`` that later cells use, until the kernel is interrupted, then restarted
+(a fresh VM), then shut down. Screenshots land in build/test-artifacts/
 (jupyterlab-<backend>-<step>.png)."""
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -162,6 +162,40 @@ def _dataframe_values(table) -> list[list[str]]:
     """The body cells of a rendered pandas DataFrame, row by row (without the index column)."""
     return table.evaluate("t => [...t.querySelectorAll('tbody tr')].map("
                           "r => [...r.querySelectorAll('td')].map(c => c.textContent.trim()))")
+
+
+def _kernel_processes(lab) -> tuple[int, list, dict[int, int]]:
+    """The (one) running kernel's pid, the instances it owns, and {pid: start time} of everything
+    that must go with it: the kernel, its watchdog, the agent or the VM (whether below the kernel or
+    only recorded by its instances)."""
+    (kernel,) = lab.api("kernels")
+    assert kernel["name"] == "dhvm"
+    (kernel_pid,) = [p for p in _descendants(lab.proc.pid)
+                     if f"kernel-{kernel['id']}.json".encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
+    instances = [i for i in list_instances(Layout(lab.home)) if i.owner_pid == kernel_pid]
+    procs = {kernel_pid: proc_start_time(kernel_pid), **_descendants(kernel_pid),
+             **{p.pid: p.start_time for i in instances for p in i.processes}}
+    return kernel_pid, instances, procs
+
+
+def _describe(procs: dict[int, int]) -> dict[int, str]:
+    """{pid: command line} of the processes of ``procs`` still alive (for a failure message)."""
+    out = {}
+    for pid, start in procs.items():
+        if alive(pid, start):
+            try:
+                out[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+            except OSError:
+                out[pid] = "?"
+    return out
+
+
+def _wait_gone(procs: dict[int, int], timeout_s: float) -> tuple[dict[int, int], float]:
+    """Wait until none of ``procs`` is alive; returns (those still alive, seconds waited)."""
+    t0 = time.monotonic()
+    while (left := {p: s for p, s in procs.items() if alive(p, s)}) and time.monotonic() - t0 < timeout_s:
+        time.sleep(0.1)
+    return left, time.monotonic() - t0
 
 
 # ---------------------------------------------------------------- fixtures
@@ -321,8 +355,8 @@ def test_an_error_shows_the_deephaven_summary_before_the_java_trace(notebook):
     err.evaluate("e => e.scrollIntoView({block: 'start'})")  # the screenshot shows what a user reads first
     notebook.shot("9-error")
     lines = [line.strip() for line in err.inner_text().splitlines()]
-    assert "--- in the Deephaven VM ---" in lines, lines[:10]
-    after = lines[lines.index("--- in the Deephaven VM ---") + 1:]
+    assert "--- in the Deephaven server ---" in lines, lines[:10]
+    after = lines[lines.index("--- in the Deephaven server ---") + 1:]
     print("\n".join(["[error output, first lines]", *after[:5]]))
     head = after[:3]
     assert any("Cannot find variable or class nosuch" in line for line in head), head
@@ -332,23 +366,91 @@ def test_an_error_shows_the_deephaven_summary_before_the_java_trace(notebook):
     assert "--- full traceback ---" in after[:java[0]], f"the summary comes first, then the trace: {after[:java[0] + 1]}"
 
 
+def test_interrupting_a_sleeping_cell_stops_it_and_keeps_the_vm(notebook):
+    from playwright.sync_api import expect
+
+    page = notebook.page
+    cell = notebook.run("kept = 41", timeout_s=FIRST_OUTPUT_S)
+    expect(notebook.outputs(cell, "application/vnd.jupyter.stderr")).to_have_count(0)
+    # The print shows the cell is running in the VM (not still queued) before the user interrupts.
+    cell = notebook.type_in_last_cell("import time\nprint('sleeping', flush=True)\ntime.sleep(60)")
+    page.keyboard.press("Shift+Enter")
+    prompt = cell.locator(".jp-InputPrompt")
+    expect(prompt).to_have_text(re.compile(r"\[\*\]"))
+    expect(notebook.outputs(cell, "application/vnd.jupyter.stdout")).to_have_text("sleeping\n", timeout=CELL_S * 1000)
+    # The notebook toolbar's ■ button, as a user clicks it.
+    button = page.locator(".jp-NotebookPanel-toolbar [data-command='notebook:interrupt-kernel']")
+    expect(button).to_have_attribute("title", "Interrupt the kernel")
+    t0 = time.monotonic()
+    button.click()
+    prompt.filter(has_text=re.compile(r"\[\d+\]")).wait_for(timeout=45_000)
+    stopped_s = time.monotonic() - t0
+    print(f"\n[jupyterlab-{notebook.backend}] the interrupted cell stopped {stopped_s:.2f} s after the click")
+    err = notebook.outputs(cell, "application/vnd.jupyter.stderr")
+    expect(err).to_have_count(1)
+    notebook.shot("10-interrupt")
+    assert stopped_s < 15, f"the cell took {stopped_s:.1f} s to stop after the interrupt"
+    text = err.inner_text()
+    assert "KeyboardInterrupt" in text, text[-2000:]
+    assert "state (tables, variables) is lost" not in text, f"the interrupt replaced the VM: {text[-2000:]}"
+    # The VM and its variables survived the interrupt.
+    cell = notebook.run("print(kept + 1)")
+    notebook.shot("11-after-interrupt")
+    expect(notebook.outputs(cell)).to_have_count(1)
+    expect(notebook.outputs(cell, "application/vnd.jupyter.stdout")).to_have_text("42\n")
+
+
+def test_restarting_the_kernel_gives_a_fresh_vm_and_ends_the_old_one(lab, notebook):
+    from playwright.sync_api import expect
+
+    page = notebook.page
+    old_pid, old_instances, old_procs = _kernel_processes(lab)
+    assert old_instances and all(i.backend == lab.backend and i.processes for i in old_instances), old_instances
+    assert all(alive(p, s) for p, s in old_procs.items()), old_procs
+    names = sorted(Path(f"/proc/{p}/comm").read_text().strip() for p in old_procs)
+    # Kernel menu > Restart Kernel…, then the dialog's Restart.
+    page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Kernel$")).click()
+    page.locator(".lm-Menu-item[data-command='kernelmenu:restart']").click()
+    dialog = page.locator(".jp-Dialog")
+    expect(dialog).to_contain_text("Restart Kernel?")
+    notebook.shot("12-restart-dialog")
+    t0 = time.monotonic()
+    dialog.locator("button.jp-mod-accept").click()
+    expect(dialog).to_have_count(0)
+    left, gone_s = _wait_gone(old_procs, 30)
+    print(f"\n[jupyterlab-{notebook.backend}] the old kernel's {len(old_procs)} processes {names} were gone "
+          f"{gone_s:.2f} s after the restart was confirmed")
+    assert not left, f"processes of the old kernel left {gone_s:.0f} s after the restart: {_describe(left)}"
+    assert gone_s < 10, f"the old kernel's processes took {gone_s:.1f} s to go"
+    assert not any(Path(i.dir).exists() for i in old_instances), "the old instances' run directories are removed"
+    # A fresh VM: the variables of before are gone, and cells run.
+    cell = notebook.run("print('kept' in globals())", timeout_s=FIRST_OUTPUT_S)
+    first_s = time.monotonic() - t0
+    print(f"[jupyterlab-{notebook.backend}] the first cell after the restart finished {first_s:.2f} s "
+          f"after the restart was confirmed")
+    expect(notebook.outputs(cell, "application/vnd.jupyter.stdout")).to_have_text("False\n")
+    # (besides, at most the note of the new server's start: "dhvm: … ready in 15.9 s")
+    outputs = notebook.outputs(cell).evaluate_all("els => els.map(e => e.innerText)")
+    print(f"[jupyterlab-{notebook.backend}] the first cell after the restart shows: {outputs}")
+    assert all(o == "False\n" or o.startswith("dhvm: ") for o in outputs), outputs
+    expect(notebook.outputs(cell, "application/vnd.jupyter.stderr")).to_have_count(0)
+    cell = notebook.run("print(sum(range(10)))")
+    notebook.shot("13-after-restart")
+    expect(notebook.outputs(cell)).to_have_count(1)
+    expect(notebook.outputs(cell, "application/vnd.jupyter.stdout")).to_have_text("45\n")
+    new_pid, new_instances, _ = _kernel_processes(lab)
+    assert new_pid != old_pid
+    assert new_instances and not {i.id for i in new_instances} & {i.id for i in old_instances}, new_instances
+
+
 def test_shutting_the_kernel_down_leaves_no_process(lab, notebook):
-    (kernel,) = lab.api("kernels")
-    assert kernel["name"] == "dhvm"
-    (kernel_pid,) = [p for p in _descendants(lab.proc.pid)
-                     if f"kernel-{kernel['id']}.json".encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
-    (instance,) = [i for i in list_instances(Layout(lab.home)) if i.owner_pid == kernel_pid]
+    kernel_pid, (instance,), procs = _kernel_processes(lab)
     assert instance.backend == lab.backend and instance.processes, instance
     assert all(alive(p.pid, p.start_time) for p in instance.processes), instance
-    # the kernel, its watchdog, the agent or the VM; and whatever the instance recorded as its own
-    procs = {kernel_pid: proc_start_time(kernel_pid), **_descendants(kernel_pid),
-             **{p.pid: p.start_time for p in instance.processes}}
     lab.shutdown_kernels()
     assert lab.api("kernels") == []
-    deadline = time.monotonic() + 30
-    while (left := {p: s for p, s in procs.items() if alive(p, s)}) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, f"processes left after the kernel shut down: {left}"
+    left, _ = _wait_gone(procs, 30)
+    assert not left, f"processes left after the kernel shut down: {_describe(left)}"
     assert not Path(instance.dir).exists(), "the instance's run directory is removed"
     assert [i for i in list_instances(Layout(lab.home)) if i.owner_pid == kernel_pid] == []
     lab.stop()

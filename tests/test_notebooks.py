@@ -134,5 +134,5 @@ def test_a_failing_cell_fails_the_nbconvert_run_with_the_remote_traceback(tmp_pa
     p = subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", str(path),
                         "--output", str(tmp_path / "o.ipynb")], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode != 0
-    assert "nope" in p.stderr and "Deephaven VM" in p.stderr
+    assert "nope" in p.stderr and "in the Deephaven server" in p.stderr
     assert "never reached" not in p.stderr
