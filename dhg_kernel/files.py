@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import io
+import json
 import os
 import tokenize
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .config import DATA_EXTENSIONS, DEFAULT_MAX_PUSH_MB
-from .errors import FileLimitError, FileNotPushable
+from .errors import FileLimitError, FileNotPushable, UsageError
 
 MIB = 1024 * 1024
 
@@ -128,15 +129,56 @@ def add_explicit(report: ScanReport, paths: Sequence[str], workspace: Path) -> S
     return report
 
 
-def check_limit(files: Sequence[PushFile], limit_mb: float = DEFAULT_MAX_PUSH_MB) -> None:
-    """Raise FileLimitError, listing files and sizes, when they exceed ``limit_mb`` MiB in total."""
-    total = sum(f.size for f in files)
+def check_limit(files: Sequence[PushFile], limit_mb: float = DEFAULT_MAX_PUSH_MB,
+                inputs: Sequence["CellInput"] = ()) -> None:
+    """Raise FileLimitError, listing files, inputs (``-i``) and sizes, when they exceed ``limit_mb`` MiB in total."""
+    items = [(f.rel, f.size) for f in files] + [(f"-i {i.source}", i.size) for i in inputs]
+    total = sum(size for _, size in items)
     if total <= limit_mb * MIB:
         return
-    lines = "\n".join(f"  {f.rel:<50} {f.size / MIB:10.1f} MiB" for f in sorted(files, key=lambda f: -f.size))
+    lines = "\n".join(f"  {label:<50} {size / MIB:10.1f} MiB" for label, size in sorted(items, key=lambda x: -x[1]))
     need = total / MIB
+    what = f"{len(files)} file(s)" + (f" and {len(inputs)} input(s)" if inputs else "")
     raise FileLimitError(
-        f"the cell names {len(files)} file(s) totalling {need:.1f} MiB, over the {limit_mb:g} MiB push limit; "
+        f"the cell names {what} totalling {need:.1f} MiB, over the {limit_mb:g} MiB push limit; "
         f"the cell was not run.\n{lines}\n"
         f"Raise the limit with `--max-push-mb {int(need) + 1}` (on `%%dhvm` or `dhvm exec`), for the whole "
         f"session with `%config Dhvm.max_push_mb = {int(need) + 1}`, or skip scanning with `--no-files`.")
+
+
+@dataclass
+class CellInput:
+    """A notebook value sent with a cell (``%%dhvm -i``), bound under ``name`` in the VM before the cell
+    runs: a DataFrame or Arrow table as Arrow IPC (a Deephaven table there), else a JSON value."""
+
+    source: str
+    """The notebook variable it came from."""
+    name: str
+    kind: str
+    """``table`` (the payload is Arrow IPC) or ``json`` (the payload is UTF-8 JSON)."""
+    payload: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.payload)
+
+    @classmethod
+    def of(cls, source: str, name: str, value) -> "CellInput":
+        """Encode ``value``; UsageError when it is neither a table nor JSON-able."""
+        import pandas as pd
+        import pyarrow as pa
+
+        from .tables import to_ipc
+
+        if isinstance(value, (pd.DataFrame, pa.Table)):
+            try:
+                return cls(source, name, "table", to_ipc(value))
+            except (pa.ArrowException, TypeError, ValueError) as e:
+                raise UsageError(f"-i {source}: this DataFrame cannot be sent as an Arrow table ({e}); convert the "
+                                 f"column it names (e.g. df[col].astype(str)) and run the cell again") from None
+        try:
+            text = json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"-i {source}: a {type(value).__name__} is neither a DataFrame/Arrow table nor "
+                             f"JSON-able ({e}); send tables, or numbers, strings, lists and dicts of them") from None
+        return cls(source, name, "json", text.encode())

@@ -88,6 +88,10 @@ class Dhvm(Magics):
     @argument("-o", "--output", action="append", default=[], metavar="NAME[=TABLE]",
               help="Bind a Deephaven table, all its rows, as a local pandas DataFrame (several allowed): "
                    "-o trades binds the table trades; -o df=trades binds it as df.")
+    @argument("-i", "--input", action="append", default=[], metavar="NAME[=REMOTE]",
+              help="Send a notebook variable into the VM before the cell runs (several allowed): a pandas "
+                   "DataFrame or pyarrow Table becomes a Deephaven table, a JSON-able value stays itself. "
+                   "-i df binds it as df; -i df=trades binds it as trades.")
     @argument("-n", "--max-rows", type=int, default=None,
               help="Rows of each result table to bring back (default: Dhvm.max_rows, 1000).")
     @argument("-q", "--quiet", action="store_true", help="Do not display result tables.")
@@ -172,7 +176,9 @@ class Dhvm(Magics):
         if not args.no_files:
             report = files_mod.scan(code, workspace, self.extensions)
         files_mod.add_explicit(report, args.file, workspace)
-        files_mod.check_limit(report.files, args.max_push_mb if args.max_push_mb is not None else self.max_push_mb)
+        inputs = [files_mod.CellInput.of(local, remote, value) for local, remote, value in self._inputs(args.input)]
+        files_mod.check_limit(report.files, args.max_push_mb if args.max_push_mb is not None else self.max_push_mb,
+                              inputs)
 
         outputs = []
         for spec in args.output:
@@ -190,7 +196,7 @@ class Dhvm(Magics):
             dtype_backend=self.dtype_backend, on_stdout=_writer(sys.stdout), on_stderr=_writer(sys.stderr),
             # -o means "give me the table": the display limit does not cut it.
             full_tables=[remote for _, remote in outputs], mode="per-cell" if args.per_cell else None,
-            on_display=show_display)
+            on_display=show_display, inputs=inputs)
         if self.session.notice:
             print(self.session.notice, file=sys.stderr)
             self.session.notice = None
@@ -200,6 +206,22 @@ class Dhvm(Magics):
             self._bind_outputs(result, outputs)
         show_in_ipython(result, quiet=args.quiet, verbose=args.verbose or self.verbose)
         return RemoteValue(result.value) if result.value is not None else None
+
+    def _inputs(self, specs: list[str]) -> list[tuple[str, str, object]]:
+        """(notebook name, VM name, value) of each ``-i NAME[=REMOTE]``."""
+        out = []
+        for spec in specs:
+            local, _, remote = spec.partition("=")
+            remote = remote or local
+            for name in (local, remote):
+                if not name.isidentifier():
+                    raise UsageError(f"-i {spec}: {name!r} is not a valid Python name; write -i NAME or -i NAME=REMOTE")
+            ns = self.shell.user_ns if self.shell is not None else {}
+            if local not in ns:
+                raise UsageError(f"-i {spec}: there is no variable {local!r} in this notebook; run the cell that "
+                                 f"defines it first")
+            out.append((local, remote, ns[local]))
+        return out
 
     def _start_with_notice(self) -> None:
         """In per-session mode, a cell that has to wait for its server says so while it waits, and

@@ -25,7 +25,7 @@ from . import protocol as P
 from .client import AgentClient
 from .config import DEFAULT_BACKEND, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_ROWS, QUESTION_DEADLINE_S, Layout
 from .errors import AgentDied, AgentRefused, AgentStartError, AgentUnresponsive, AnswerAbandoned, DhvmError, UsageError
-from .files import PushFile
+from .files import CellInput, PushFile
 from .instances import reap_stale
 from .pool import WarmPool
 from .result import CellEvents, CellResult, DisplayOutput, ExecutionError, Stream, TableResult, table_from_event
@@ -283,9 +283,11 @@ class Session:
                 timeout: float | None = None, dtype_backend: str = DEFAULT_DTYPE_BACKEND,
                 on_stdout: Stream | None = None, on_stderr: Stream | None = None,
                 full_tables: Sequence[str] = (), mode: str | None = None,
-                on_display: Callable[[DisplayOutput], None] | None = None) -> CellResult:
+                on_display: Callable[[DisplayOutput], None] | None = None,
+                inputs: Sequence[CellInput] = ()) -> CellResult:
         """Run one cell; output is streamed to the callbacks as it arrives.
 
+        ``inputs`` (``-i``) are bound in the VM before the cell runs: tables as Deephaven tables.
         ``full_tables`` are fetched whole (for ``-o``) from the same server before a per-cell VM goes;
         ``mode`` overrides the session's mode for this cell.
         """
@@ -300,7 +302,7 @@ class Session:
                     on_stderr(line)
             try:
                 result = self._run_cell(live, code, files, max_rows, timeout, dtype_backend, on_stdout, on_stderr,
-                                        on_display)
+                                        on_display, inputs)
                 result.stderr = "".join(told) + result.stderr
                 if result.error is None:
                     self._fetch_full(live, result, full_tables, dtype_backend)
@@ -313,12 +315,16 @@ class Session:
 
     def _run_cell(self, live: ReadyAgent, code: str, files: Sequence[PushFile], max_rows: int | None,
                   timeout: float | None, dtype_backend: str, on_stdout: Stream | None,
-                  on_stderr: Stream | None, on_display: Callable[[DisplayOutput], None] | None = None) -> CellResult:
+                  on_stderr: Stream | None, on_display: Callable[[DisplayOutput], None] | None = None,
+                  inputs: Sequence[CellInput] = ()) -> CellResult:
         metas, datas, record = self._files_to_send(live, files)
         result = CellResult(backend=f"{self.backend_name} ({live.instance.id})", files=[m["path"] for m in metas])
         header = {"op": P.OP_EXEC, "code": code, "options": {"max_rows": max_rows}}
         if metas:
-            header["files"] = metas
+            header["files"] = metas  # their payloads come first, in order
+        if inputs:  # each input's payload follows, named by its index
+            header["inputs"] = [{"name": i.name, "kind": i.kind, "payload": len(datas) + n} for n, i in enumerate(inputs)]
+            datas.extend(i.payload for i in inputs)
         events = CellEvents(result, dtype_backend, on_stdout, on_stderr, on_display, bundle=self._widget_links)
         t1 = time.perf_counter()
         done: dict = {}

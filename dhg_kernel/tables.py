@@ -40,6 +40,33 @@ def read_ipc(payload) -> pa.Table:
         return reader.read_all()
 
 
+def to_ipc(value) -> bytes:
+    """A pandas DataFrame or pyarrow Table as one Arrow IPC stream that Deephaven's converter takes:
+    a meaningful index becomes columns, categoricals are decoded, large strings/binaries narrowed."""
+    if isinstance(value, pd.DataFrame):
+        df = value if isinstance(value.index, pd.RangeIndex) and value.index.name is None else value.reset_index()
+        table = pa.Table.from_pandas(df, preserve_index=False)
+    elif isinstance(value, pa.Table):
+        table = value
+    else:
+        raise TypeError(f"not a DataFrame or Arrow table: {type(value).__name__}")
+    columns = []
+    for column in table.columns:
+        if pa.types.is_dictionary(column.type):
+            column = pa.chunked_array([chunk.dictionary_decode() for chunk in column.chunks],
+                                      type=column.type.value_type)
+        if pa.types.is_large_string(column.type):
+            column = column.cast(pa.string())
+        elif pa.types.is_large_binary(column.type):
+            column = column.cast(pa.binary())
+        columns.append(column)
+    table = pa.Table.from_arrays(columns, names=table.column_names)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
 def deephaven_type(field: pa.Field) -> str | None:
     """The Java type Deephaven gave a column (``char``, ``java.math.BigDecimal``…), if it said."""
     value = (field.metadata or {}).get(b"deephaven:type")

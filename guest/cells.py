@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager
 from .. import protocol as P
 from . import rich
 from .common import ms, safe_send
+from .inputs import bind_inputs
 
 if TYPE_CHECKING:
     from .server import Deephaven
@@ -126,10 +127,15 @@ class CellRunner:
         t0 = time.perf_counter()
         try:
             files = header.get("files") or []
-            if files:
-                write_files(self.workdir, files, payloads)
+            if files:  # the first payloads are the files', in order; inputs name theirs by index
+                write_files(self.workdir, files, payloads[:len(files)])
             timings["write_files_ms"] = ms(t0)
-        except (FileRejected, OSError) as e:
+            inputs = header.get("inputs") or []
+            if inputs:
+                t1 = time.perf_counter()
+                bind_inputs(self.ns, inputs, payloads)
+                timings["inputs_ms"] = ms(t1)
+        except Exception as e:  # noqa: BLE001 - a bad file or input fails the cell before it runs
             safe_send(conn, P.error_event(type(e).__name__, str(e), re=rid))
             return {"status": "error", "timings": timings, "tables": []}
 

@@ -55,7 +55,7 @@ def test_remote_errors_fail_the_cell_with_the_remote_traceback(ip):
     assert not res.success
     err = res.error_in_exec
     assert isinstance(err, RemoteCellError) and type(err).__name__ == "ValueError"
-    assert "raise ValueError('bad input')" in cap.stdout and "Deephaven VM" in cap.stdout
+    assert "raise ValueError('bad input')" in cap.stdout and "in the Deephaven server" in cap.stdout
 
 
 def test_config_sets_defaults(ip):
