@@ -104,7 +104,8 @@ def main() -> None:
     completion(home, args.runs)
     print("\n2. a cell with display() and a matplotlib figure (warm session)")
     plot_cell("qemu", home, args.runs)
-    plot_cell("local", Path(tempfile.mkdtemp(prefix="dhg-bench-")), args.runs)
+    with tempfile.TemporaryDirectory(prefix="dhg-bench-") as local_home:  # removed afterwards
+        plot_cell("local", Path(local_home), args.runs)
     overhead(args.runs)
 
 

@@ -16,7 +16,9 @@ Uses ``$DHG_TEST_HOME`` (default ~/.dhg-test), prepared as the tests do.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,6 +69,7 @@ def slope_per_100(points: list[tuple[int, float]]) -> float:
 def soak(backend: str, home: Path, cells: int) -> None:
     print(f"\n1. soak: {cells} mixed cells in one {backend} session", flush=True)
     work = Path(tempfile.mkdtemp(prefix="dhg-soak-"))
+    atexit.register(shutil.rmtree, work, True)  # the pushed data file goes with the run
     data = work / "data.csv"
     s = Session(backend, home)
     vm_points, agent_points, errors_ok, t0 = [], [], 0, time.monotonic()
@@ -121,7 +124,7 @@ def concurrency(backend: str, home: Path, kernels: int, cells: int = 25) -> None
         try:
             s.execute(f"mine = {k}")
             for i in range(cells):
-                r = s.execute(f"mine += 0\nprint(mine)")
+                r = s.execute("mine += 0\nprint(mine)")
                 if not (r.ok and r.stdout.strip() == str(k)):
                     results[k] = f"cell {i}: {r.stdout!r} {r.error}"
                     return
@@ -227,6 +230,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.backend == "local":
         home = Path(tempfile.mkdtemp(prefix="dhg-soak-home-"))
+        atexit.register(shutil.rmtree, home, True)
     else:
         home = Path(os.environ.get("DHG_TEST_HOME", "~/.dhg-test")).expanduser()
         if args.backend == "qemu":
