@@ -182,10 +182,7 @@ class Dhvm(Magics):
 
         outputs = []
         for spec in args.output:
-            local, _, remote = spec.partition("=")
-            if not local.isidentifier():
-                raise UsageError(f"-o {spec}: {local!r} is not a valid Python name; write -o NAME or -o NAME=TABLE")
-            outputs.append((local, remote or local))
+            outputs.append(_name_pair("-o", spec, "TABLE", check_remote=False))
         max_rows = args.max_rows if args.max_rows is not None else self.max_rows
         timeout = args.timeout if args.timeout is not None else self.timeout
         # A backend that cannot start raises a DhvmError: IPython shows its message, the kernel lives on.
@@ -211,11 +208,7 @@ class Dhvm(Magics):
         """(notebook name, VM name, value) of each ``-i NAME[=REMOTE]``."""
         out = []
         for spec in specs:
-            local, _, remote = spec.partition("=")
-            remote = remote or local
-            for name in (local, remote):
-                if not name.isidentifier():
-                    raise UsageError(f"-i {spec}: {name!r} is not a valid Python name; write -i NAME or -i NAME=REMOTE")
+            local, remote = _name_pair("-i", spec, "REMOTE")
             ns = self.shell.user_ns if self.shell is not None else {}
             if local not in ns:
                 raise UsageError(f"-i {spec}: there is no variable {local!r} in this notebook; run the cell that "
@@ -253,6 +246,17 @@ class Dhvm(Magics):
                 raise UsageError(f"-o {local}: there is no Deephaven table named {remote!r} in the session "
                                      f"(the cell returned: {', '.join(t.name for t in result.tables) or 'none'})")
             self.shell.user_ns[local] = table.df
+
+
+def _name_pair(flag: str, spec: str, other: str, check_remote: bool = True) -> tuple[str, str]:
+    """``NAME`` or ``NAME=OTHER`` of ``-o``/``-i``: (the notebook's name, the server's name)."""
+    local, _, remote = spec.partition("=")
+    remote = remote or local
+    for name in (local, remote) if check_remote else (local,):
+        if not name.isidentifier():
+            raise UsageError(f"{flag} {spec}: {name!r} is not a valid Python name; write {flag} NAME or "
+                             f"{flag} NAME={other}")
+    return local, remote
 
 
 def _writer(stream):

@@ -36,9 +36,9 @@ __all__ = ["Session", "DhvmError", "AgentDied", "AgentUnresponsive", "AnswerAban
 PSK_AUTH_TYPE = "io.deephaven.authentication.psk.PskAuthenticationHandler"
 
 
-# Objects Deephaven's web UI shows as a widget (``/iframe/widget/``), by class name: Deephaven's Figure
-# and plotly-express's figures.
-WEB_WIDGET_TYPES = ("Figure", "DeephavenFigure")
+# Which view of Deephaven's web UI shows an object, by its class name: tables (``/iframe/table/``),
+# Deephaven's Figure and plotly-express's figures (``/iframe/widget/``).
+WEB_VIEWS = {"Table": "table", "Figure": "widget", "DeephavenFigure": "widget"}
 
 # A file whose status changed this close to when it was read may change again within the same clock
 # tick without its ctime moving: its status is not trusted, its content is compared (racy-git rule).
@@ -497,20 +497,20 @@ class Session:
             return f"http://{host}:{port}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
 
     def _web_kind(self, live: ReadyAgent, name: str) -> str:
-        """"table" or "widget" (a figure): which web UI view shows the object ``name`` holds."""
+        """"table" or "widget" (a figure): which web UI view shows the object ``name`` holds, by its
+        type as the agent's inspection names it (``prices: deephaven.table.Table``)."""
         if not name.isidentifier():
             raise UsageError(f"{name!r} is not a variable name; write %dhvm ide NAME (or %dhvm ide for the console)")
-        if any(t["name"] == name for t in self._request(live, {"op": P.OP_TABLES})["tables"]):
-            return "table"
         found = self._request(live, {"op": P.OP_INSPECT, "code": name, "cursor_pos": len(name), "detail_level": 0})
         if not found.get("found"):
             raise UsageError(f"there is no table or figure named {name!r} in the session (%dhvm tables lists the "
                              f"tables); %dhvm ide without a name opens the console")
         kind = (found.get("data", {}).get("text/plain", "").splitlines() or [""])[0].partition(": ")[2]
-        if kind.rsplit(".", 1)[-1] in WEB_WIDGET_TYPES:
-            return "widget"
-        raise UsageError(f"{name!r} is a {kind or 'value'}, which Deephaven's web UI does not show; it shows "
-                         f"tables and figures. %dhvm ide without a name opens the console")
+        view = WEB_VIEWS.get(kind.rsplit(".", 1)[-1])
+        if view is None:
+            raise UsageError(f"{name!r} is a {kind or 'value'}, which Deephaven's web UI does not show; it shows "
+                             f"tables and figures. %dhvm ide without a name opens the console")
+        return view
 
     def deephaven_url(self) -> str | None:
         """The web IDE of the session's server, logged in with this instance's key (give it to no one)."""

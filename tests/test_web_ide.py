@@ -26,6 +26,15 @@ def _open(browser, url: str, shot: str, ready: str, timeout_s: float = 60) -> st
         ctx.close()
 
 
+def _with_a_chart(session, last_line: str):
+    """A table ``prices`` and a Deephaven Figure ``chart`` of it in the session; ``last_line`` ends the cell."""
+    r = session.execute("from deephaven import empty_table\nfrom deephaven.plot.figure import Figure\n"
+                        "prices = empty_table(5).update(['Sym = `S` + i', 'Px = i * 2.5'])\n"
+                        f"chart = Figure().plot_xy(series_name='s', t=prices, x='Px', y='Px').show()\n{last_line}")
+    assert r.ok, r.error
+    return r
+
+
 def test_the_web_ide_link_logs_in_with_the_instance_key_and_nothing_else_does(browser, dhg_home):
     from dhg_kernel.session import Session
 
@@ -50,10 +59,7 @@ def test_a_deephaven_figures_link_opens_the_chart(browser, dhg_home):
 
     s = Session("local", dhg_home, heap="768m")
     try:
-        r = s.execute("from deephaven import empty_table\nfrom deephaven.plot.figure import Figure\n"
-                      "pts = empty_table(5).update(['X = i', 'Y = i * 2'])\n"
-                      "chart = Figure().plot_xy(series_name='s', t=pts, x='X', y='Y').show()\nchart")
-        assert r.ok, r.error
+        r = _with_a_chart(s, "chart")
         url = s.widget_url("chart")
         assert url in r.value["text/html"].replace("&amp;", "&")
         _open(browser, url, "deephaven-figure-link.png", ".js-plotly-plot")
@@ -71,10 +77,7 @@ def test_ide_opens_the_console_a_table_or_a_figure_and_says_why_not_for_anything
 
     s = Session("local", dhg_home, heap="768m")
     try:
-        r = s.execute("from deephaven import empty_table\nfrom deephaven.plot.figure import Figure\n"
-                      "prices = empty_table(5).update(['Sym = `S` + i', 'Px = i * 2.5'])\n"
-                      "chart = Figure().plot_xy(series_name='s', t=prices, x='Px', y='Px').show()\nanswer = 42")
-        assert r.ok, r.error
+        _with_a_chart(s, "answer = 42")
         key = s.instance.key
         assert s.ide_url() == s.deephaven_url()
         table_url = s.ide_url("prices")
