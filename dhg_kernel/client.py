@@ -34,6 +34,10 @@ class _Gone:
         self.death = death
 
 
+class _Stop:
+    """Queued to a request that another thread ends (``AgentClient.stop``): cancel it, as an interrupt would."""
+
+
 class AgentClient:
     """Requests and events over one connection to an agent.
 
@@ -151,18 +155,29 @@ class AgentClient:
             self._die(f"connection to the agent lost: {e}", None)
             raise AgentDied(self.dead or str(e), self.death) from None
 
+    def stop(self, rid: int) -> bool:
+        """End request ``rid`` from another thread: it is cancelled (the agent then sends its done, which
+        its ``request`` returns). False if it is not waiting (already done)."""
+        with self._lock:
+            frames = self._waiting.get(rid)
+        if frames is not None:
+            frames.put(_Stop())
+        return frames is not None
+
     def request(self, header: dict, payloads: Sequence = (), on_frame: Callable[[P.Frame], None] | None = None,
-                timeout: float | None = None, abandon: bool = False, tick: Tick | None = None) -> dict:
+                timeout: float | None = None, abandon: bool = False, tick: Tick | None = None,
+                rid: int | None = None) -> dict:
         """Send a request and handle its events until its ``done``; returns the done header.
 
         Past ``timeout``: with ``abandon`` the answer is dropped (AnswerAbandoned; the agent is left
         alone, its late answer discarded); otherwise a cancel is sent and the agent gets
         ``CANCEL_GRACE_S`` to finish, past which (or on a second interrupt) AgentUnresponsive.
-        A KeyboardInterrupt cancels the same way. ``tick``: a check run while waiting (see Tick).
+        A KeyboardInterrupt cancels the same way, and so does ``stop(rid)`` from another thread (``rid``:
+        an id from ``new_id()``, for the caller to know it). ``tick``: a check run while waiting (see Tick).
         """
         if self.dead is not None:
             raise AgentDied(self.dead, self.death)
-        rid = self.new_id()
+        rid = rid or self.new_id()
         frames: queue.Queue = queue.Queue()
         with self._lock:
             self._waiting[rid] = frames
@@ -206,6 +221,10 @@ class AgentClient:
                 continue
             if isinstance(item, _Gone):
                 raise AgentDied(item.why, item.death)
+            if isinstance(item, _Stop):
+                if cancel_deadline is None:
+                    cancel_deadline = self._cancel(rid)
+                continue
             ev = item.header
             if ev.get("ev") == P.EV_ERROR and ev.get("re") is None:
                 raise AgentRefused(f"the agent rejected a frame: {ev.get('name')}: {ev.get('value')}")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import html
 import sys
+import threading
+from typing import Callable
 
+from .live import LiveUpdate
 from .result import CellResult, DisplayOutput, ExecutionError, TableResult
 
 
@@ -111,7 +114,90 @@ def show_table(t: TableResult) -> None:
         display(t.df)
 
 
-def show_display(out: DisplayOutput) -> None:
+def _clock(when) -> str:
+    return when.strftime("%H:%M:%S UTC") if when else "-"
+
+
+def live_bundle(t: TableResult, state: str, rows_note: str, df, stopped: bool = False) -> dict:
+    """The MIME bundle of a live view: a heading (name, size, state, which rows) over the rows."""
+    import pandas as pd
+
+    cols = len(t.columns) or t.arrow.num_columns
+    size = f"{t.rows:,} rows × {cols} columns"
+    types = " · ".join(_column_types(t))
+    mark = "○" if stopped else "●"
+    color = "#777" if stopped else "#0a7d32"
+    plain = f"{t.name}  ({size}) {mark} {state}\n  {rows_note}" + (f"\n  columns: {types}" if types else "")
+    with pd.option_context("display.show_dimensions", False, "display.max_rows", max(len(df), 10)):
+        body_text, body_html = df.to_string(), df.to_html(border=0)
+    rich = (f"<div class='dhvm-live' data-table='{html.escape(t.name)}' data-rows='{t.rows}'>"
+            f"<h4 style='margin:0.6em 0 0.2em 0'><code>{html.escape(t.name)}</code> "
+            f"<small style='font-weight:normal'>{size}</small> "
+            f"<small style='color:{color};font-weight:normal'>{mark} {html.escape(state)}</small></h4>"
+            f"<p style='margin:0 0 0.2em 0;color:#666'><small>{html.escape(rows_note)}"
+            + (f" · {html.escape(types)}" if types else "") + "</small></p>"
+            f"{body_html}</div>")
+    return {"text/plain": plain + "\n" + body_text, "text/html": rich}
+
+
+# Why a live view ended, as the agent says it, in words.
+LIVE_ENDINGS = {"released": "{name} was deleted", "rebound": "{name} now names something else",
+                "cancelled": "stopped"}
+
+
+class LiveView:
+    """A live view's output in the notebook: one display id, updated with every snapshot, and left
+    showing the last one (marked stopped, with why) when the view ends, which is what a saved
+    notebook keeps."""
+
+    def __init__(self, first: TableResult, rows: int, head: bool, rate: float):
+        from IPython.display import display
+
+        self.rows, self.head, self.rate = rows, head, rate
+        self.last: LiveUpdate | None = None
+        self._lock = threading.Lock()
+        df = first.df
+        if first.truncated or head:
+            df, which = df.head(rows), f"first {min(rows, len(df)):,} rows"
+        else:
+            df, which = df.tail(rows), f"last {min(rows, len(df)):,} rows"
+        self._first = first
+        self.handle = display(live_bundle(first, f"live · snapshot at {_clock(first.snapshot_time)}",
+                                          f"{which} · starting the live view…", df), raw=True, display_id=True)
+
+    def _bundle(self, u: LiveUpdate, stopped: str | None = None) -> dict:
+        t = u.table
+        which = f"{'first' if u.head else 'last'} {t.arrow.num_rows:,} rows"
+        if stopped:
+            state = f"stopped ({stopped}) · final snapshot at {_clock(t.snapshot_time)}"
+        elif u.ticking:
+            state = f"live · updated {_clock(u.updated or t.snapshot_time)}"
+        else:
+            state = f"static table (it does not tick) · snapshot at {_clock(t.snapshot_time)}"
+        rate = f" · at most {self.rate:g} updates/s" if u.ticking and not stopped else ""
+        return live_bundle(t, state, which + rate, t.df, stopped=bool(stopped))
+
+    def update(self, u: LiveUpdate) -> None:
+        with self._lock:
+            self.last = u
+            if self.handle is not None:
+                self.handle.update(self._bundle(u), raw=True)
+
+    def end(self, why: str) -> None:
+        why = LIVE_ENDINGS.get(why, why).format(name=self._first.watch or self._first.name)
+        with self._lock:
+            if self.handle is None or (why == "static" and self.last is not None):
+                return  # a table that does not tick: its one snapshot stays as it was shown
+            if self.last is not None:
+                self.handle.update(self._bundle(self.last, stopped=why), raw=True)
+            else:
+                t = self._first
+                self.handle.update(live_bundle(t, f"stopped ({why}) · snapshot at {_clock(t.snapshot_time)}",
+                                               "the live view never started", t.df.head(self.rows), stopped=True),
+                                   raw=True)
+
+
+def show_display(out: DisplayOutput, live: Callable[[TableResult], bool] | None = None) -> None:
     """Rich output from the VM, at the moment it arrives: ``display_data``, ``update_display_data``,
     ``clear_output``, or a displayed Deephaven table (rendered like a result table)."""
     from IPython.display import clear_output, publish_display_data
@@ -119,19 +205,22 @@ def show_display(out: DisplayOutput) -> None:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()  # what the cell printed before this output comes first
     if out.kind == "table" and out.table is not None:
-        show_table(out.table)
+        if not (live and out.table.watch and live(out.table)):
+            show_table(out.table)
     elif out.kind == "clear":
         clear_output(wait=out.wait)
     else:
         publish_display_data(out.data, out.metadata, transient=out.transient, update=out.kind == "update")
 
 
-def show_in_ipython(result: CellResult, *, quiet: bool = False, verbose: bool = False) -> None:
+def show_in_ipython(result: CellResult, *, quiet: bool = False, verbose: bool = False,
+                    live: Callable[[TableResult], bool] | None = None) -> None:
     """Display a cell's tables (stdout/stderr and rich output were already streamed) and raise its
-    error, if any."""
+    error, if any. ``live(t)``: show ticking table ``t`` as a live view (False: it cannot be one)."""
     if not quiet:
         for t in result.tables:
-            show_table(t)
+            if not (live and t.watch and live(t)):
+                show_table(t)
     if verbose:
         print(timing_line(result), file=sys.stderr)
         for literal, why in result.files_skipped:

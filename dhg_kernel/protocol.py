@@ -47,6 +47,8 @@ OP_STATS = "stats"
 OP_COMPLETE = "complete"
 OP_INSPECT = "inspect"
 OP_RESTORED = "restored"
+# A live view of a table (guest/live.py): ``live`` events until cancelled or the table goes.
+OP_WATCH = "watch"
 # A notice with no reply: the host's wall clock (``now_ns``), so a VM's clock cannot drift away.
 OP_CLOCK = "clock"
 
@@ -67,6 +69,11 @@ MIME_DEEPHAVEN_WIDGET = "application/vnd.dhg.deephaven-widget+json"
 # Unsolicited, from the VM's init: the agent process died (``reason``, ``status``, ``oom``); the
 # VM's agent stream is dead, whatever request was waiting on it.
 EV_AGENT_EXIT = "agent_exit"
+# A watched table's latest rows (Arrow IPC payload), row count and update time (``watch``).
+EV_LIVE = "live"
+# A fetch with ``stream``: an ``table`` event whose payload is the Arrow schema, then one ``batch``
+# event per record batch (each payload one Arrow IPC message), so no side holds the table twice.
+EV_BATCH = "batch"
 
 
 class ProtocolError(Exception):

@@ -37,6 +37,8 @@ class TableResult:
     """How ``df`` maps Arrow types to pandas dtypes."""
     snapshot_time: "datetime.datetime | None" = None
     """For a ticking table: when the server took the snapshot that was sent (UTC)."""
+    watch: str | None = None
+    """For a ticking table: the name a live view of it watches in the session (see live.py)."""
 
     @cached_property
     def df(self) -> pd.DataFrame:
@@ -175,7 +177,7 @@ def table_from_event(header: dict, payload, dtype_backend: str) -> TableResult:
                        columns=header.get("columns", []), truncated=bool(header.get("truncated")),
                        refreshing=bool(header.get("refreshing")), dtype_backend=dtype_backend,
                        snapshot_time=datetime.datetime.fromtimestamp(snap_ns / 1e9, datetime.timezone.utc)
-                       if snap_ns else None)
+                       if snap_ns else None, watch=header.get("watch"))
 
 
 Stream = Callable[[str], None]

@@ -14,11 +14,12 @@ says where it runs and which handler answers it; a handler returns the fields of
 Threads: the main thread executes exec, tables and fetch one at a time (so a cancel can interrupt
 a cell with SIGINT, which also wakes blocking calls like ``time.sleep``); one reader thread per
 connection decodes frames and answers the cheap requests (hello, stats, cancel, restored, clock)
-at once; completion and inspection run on question threads of their own.
+at once; completion and inspection run on question threads of their own; each live view (watch)
+has a thread of its own for as long as it lasts.
 
 The parts: ``cells`` (running one cell), ``introspect`` (Tab and Shift-Tab), ``reseed`` (the host's
 clock, entropy and key after a restore), ``server`` (the Deephaven server and Arrow), ``rich``
-(display output).
+(display output), ``live`` (live views of ticking tables).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from .. import protocol as P
-from . import introspect, rich
+from . import introspect, live, rich
 from .cells import CellRunner
 from .common import log, safe_send
 from .reseed import Clock, after_restore, reseed_java
@@ -49,8 +50,10 @@ from .server import Deephaven
 AGENT_VERSION = "0.2.0"
 # Threads answering completions and inspections (more only while earlier ones are stuck).
 MAX_QUESTION_THREADS = 4
+# Live views at once (each is a thread and a Deephaven listener while it lasts).
+MAX_WATCHES = 32
 # Where a request runs (see the module docstring).
-INLINE, MAIN, QUESTION = "inline", "main", "question"
+INLINE, MAIN, QUESTION, STREAM = "inline", "main", "question", "stream"
 
 
 class Request(NamedTuple):
@@ -90,6 +93,8 @@ class Agent:
         self.running: tuple[object, int] | None = None  # (connection, request id) of the running exec
         self.running_lock = threading.Lock()
         self.cells = CellRunner(workdir, dh, namespace, self._running)
+        # (connection, request id) -> the stop event of each live view
+        self.watches: dict[tuple[int, object], threading.Event] = {}
         self.started = time.time()
         # op -> (where it runs, handler). A handler returns its done reply's fields (None: a notice,
         # no reply) or raises; "status" in the fields overrides "ok".
@@ -104,6 +109,7 @@ class Agent:
             P.OP_EXEC: (MAIN, self.execute),
             P.OP_TABLES: (MAIN, self.tables),
             P.OP_FETCH: (MAIN, self.fetch),
+            P.OP_WATCH: (STREAM, self.watch),
         }
 
     # -- connections -------------------------------------------------------------------------
@@ -151,6 +157,7 @@ class Agent:
                 break
             self._dispatch(Request(conn, frame.header, frame.payloads))
         self._cancel_if_running(conn, None)
+        self._stop_watches(conn, None)
         conn.close()
 
     # -- dispatch ----------------------------------------------------------------------------
@@ -164,6 +171,8 @@ class Agent:
             self.jobs.put((req, handler))
         elif where == QUESTION:
             self._ask(req, handler)
+        elif where == STREAM:
+            threading.Thread(target=self._answer, args=(req, handler), name="dhg-watch", daemon=True).start()
         else:
             self._answer(req, handler)
 
@@ -207,6 +216,14 @@ class Agent:
             with self.running_lock:
                 self.running = None
 
+    def _stop_watches(self, conn, target) -> bool:
+        """Stop the live views of ``conn`` (all, or the one whose request id is ``target``)."""
+        with self.running_lock:
+            stops = [ev for (c, rid), ev in self.watches.items() if c == id(conn) and target in (None, rid)]
+        for ev in stops:
+            ev.set()
+        return bool(stops)
+
     def _cancel_if_running(self, conn, target) -> bool:
         with self.running_lock:
             if self.running and self.running[0] is conn and (target is None or self.running[1] == target):
@@ -230,13 +247,16 @@ class Agent:
                 "startup_ms": round(self.dh.started_ms, 1)}
 
     def cancel(self, req: Request) -> dict:
-        return {"cancelled": self._cancel_if_running(req.conn, req.header.get("target"))}
+        target = req.header.get("target")
+        stopped = target is not None and self._stop_watches(req.conn, target)
+        return {"cancelled": self._cancel_if_running(req.conn, target) or stopped}
 
     def stats(self, req: Request) -> dict:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         out = {"cells": self.cells.count, "uptime_s": round(time.time() - self.started, 1),
                "max_rss_bytes": usage.ru_maxrss * 1024, "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-               "tables": sum(1 for v in list(self.ns.values()) if self.dh.is_table(v)), **self.clock.describe()}
+               "tables": sum(1 for v in list(self.ns.values()) if self.dh.is_table(v)),
+               "live_views": len(self.watches), **self.clock.describe()}
         try:
             out.update(self.dh.jvm_memory())
         except Exception:
@@ -275,9 +295,29 @@ class Agent:
         table = self.ns.get(name)
         if not self.dh.is_table(table):
             raise KeyError(f"no Deephaven table named {name!r} in the session")
+        if req.header.get("stream"):
+            # The whole table, batch by batch; a cancel (the host's Ctrl-C) interrupts it.
+            with self._running(req.conn, req.rid):
+                return self.dh.stream_table(name, table, lambda h, p: req.conn.send({**h, "re": req.rid}, p))
         head, ipc = self.dh.table_payload(name, table, req.header.get("max_rows"))
         safe_send(req.conn, {**head, "re": req.rid}, [ipc])
         return {}
+
+    def watch(self, req: Request) -> dict:
+        """A live view of a table: ``live`` events until cancelled or the table is released or rebound."""
+        key = (id(req.conn), req.rid)
+        stop = threading.Event()
+        with self.running_lock:
+            if len(self.watches) >= MAX_WATCHES:
+                raise RuntimeError(f"already {MAX_WATCHES} live views in this session; stop some first")
+            self.watches[key] = stop
+        try:
+            view = live.Watch(self.dh, self.ns, req.header, stop)
+            with self.dh.context():
+                return view.run(lambda h, p: req.conn.send({**h, "re": req.rid}, p))
+        finally:
+            with self.running_lock:
+                self.watches.pop(key, None)
 
     def unknown(self, req: Request) -> dict:
         raise UnknownOperation(f"unknown op {req.header.get('op')!r}")

@@ -23,6 +23,7 @@ from .. import protocol as P
 from . import rich
 from .common import ms, safe_send
 from .inputs import bind_inputs
+from .live import HIDDEN_PREFIX as LIVE_PREFIX
 
 if TYPE_CHECKING:
     from .server import Deephaven
@@ -151,7 +152,7 @@ class CellRunner:
             displayed.add(id(table))
             name = next((n for n, v in list(self.ns.items()) if v is table and not n.startswith("_")), "table")
             head, ipc = self.dh.table_payload(name, table, max_rows)
-            safe_send(conn, {**head, "re": rid, "display": True}, [ipc])
+            safe_send(conn, {**head, **self._watchable(name, table), "re": rid, "display": True}, [ipc])
 
         rich.outlet.send_table = send_table
         rich.outlet.begin(lambda h, p: safe_send(conn, h, p), rid)
@@ -176,7 +177,7 @@ class CellRunner:
                     rich.publish(rich.deephaven_figure_bundle(v, name=n))
             for name, table in changed:
                 head, ipc = self.dh.table_payload(name, table, max_rows)
-                safe_send(conn, {**head, "re": rid}, [ipc])
+                safe_send(conn, {**head, **self._watchable(name, table), "re": rid}, [ipc])
                 out_tables.append(name)
         except BaseException as e:  # noqa: BLE001
             status = "error"
@@ -211,6 +212,20 @@ class CellRunner:
         finally:
             sys.stdout, sys.stderr = saved
         return status, last_value, last_name
+
+    def _watchable(self, name: str, table) -> dict:
+        """For a ticking table: ``{"watch": NAME}``, the scope name a live view of it can watch. A table
+        no public name holds (``time_table("PT1S")`` as the last expression) is kept under a hidden
+        one, which the live view releases when it ends."""
+        if not table.is_refreshing:
+            return {}
+        if name.isidentifier() and self.ns.get(name) is table:
+            return {"watch": name}
+        held = next((n for n, v in list(self.ns.items()) if v is table and not n.startswith("__")), None)
+        if held is None:
+            held = f"{LIVE_PREFIX}{self.count}_{sum(n.startswith(LIVE_PREFIX) for n in list(self.ns))}"
+            self.ns[held] = table
+        return {"watch": held}
 
     def _send_value(self, conn: P.FrameStream, rid, value, name: str | None) -> None:
         """The result event of a last expression's value that is not a table (tables go as tables)."""

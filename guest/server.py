@@ -30,6 +30,7 @@ class Deephaven:
         self.classes = classes
         self.version = "?"
         self.started_ms = 0.0
+        self._exec_ctx = None
 
     def start(self) -> None:
         t0 = time.perf_counter()
@@ -65,6 +66,13 @@ class Deephaven:
             pass
         self.started_ms = (time.perf_counter() - t0) * 1000
 
+    def context(self):
+        """The main thread's Deephaven execution context, to enter on another thread (a live view's)
+        so table operations there see the same query scope and update graph as cells do."""
+        if self._exec_ctx is None:
+            raise RuntimeError("the Deephaven execution context was not captured (warm_up not run)")
+        return self._exec_ctx
+
     def set_key(self, key: str | None) -> None:
         """The key logins must present from now on (None: refuse all)."""
         self._auth.setKey(key or None)
@@ -76,7 +84,9 @@ class Deephaven:
     def warm_up(self) -> None:
         """Run a small query so the common code paths are loaded before the first cell (and snapshot)."""
         from deephaven import empty_table
+        from deephaven.execution_context import get_exec_ctx
 
+        self._exec_ctx = get_exec_ctx()  # on the main thread, where cells run
         t = empty_table(100).update(["X = i", "Y = X * 1.5", "S = `s` + X", "T = now()"]).where("X > 3")
         self.arrow_ipc(t)
 
@@ -108,12 +118,32 @@ class Deephaven:
                 writer.write_table(at)
             return sink.getvalue().to_pybytes()
 
+    @staticmethod
+    def describe_columns(table) -> dict:
+        return {"columns": [{"name": c.name, "type": str(c.data_type)} for c in table.columns]}
+
     def describe(self, table) -> dict:
-        return {
-            "rows": int(table.size),
-            "columns": [{"name": c.name, "type": str(c.data_type)} for c in table.columns],
-            "refreshing": bool(table.is_refreshing),
-        }
+        return {"rows": int(table.size), **self.describe_columns(table), "refreshing": bool(table.is_refreshing)}
+
+    def stream_table(self, name: str, table, send) -> dict:
+        """The whole table, a record batch per ``batch`` event after a ``table`` event with its schema;
+        returns the done reply's fields (rows and batches sent). A ticking table is snapshotted first."""
+        from deephaven.arrow import _JTableToArrowConverter
+
+        snapshot_ns = None
+        if table.is_refreshing:
+            table = table.snapshot()
+            snapshot_ns = time.time_ns()
+        total = int(table.size)
+        conv = _JTableToArrowConverter(table.j_table)
+        send({"ev": P.EV_TABLE, "name": name, "stream": True, **self.describe(table), "rows": total,
+              "refreshing": snapshot_ns is not None, **({"snapshot_ns": snapshot_ns} if snapshot_ns else {})},
+             [memoryview(conv.getSchema()).cast("B")])
+        batches = 0
+        while conv.hasNext():
+            send({"ev": P.EV_BATCH, "seq": batches}, [memoryview(conv.next()).cast("B")])
+            batches += 1
+        return {"rows": total, "batches": batches}
 
     def table_payload(self, name: str, table, max_rows: int | None) -> tuple[dict, bytes]:
         """A table event header and its Arrow payload, cut to ``max_rows``."""
