@@ -362,3 +362,23 @@ def test_a_restored_vm_counts_only_its_own_cells(vm):
     st = vm.stats()
     assert st["cells"] == 2, "the snapshot's warm-up cells are not the clone's"
     assert st["uptime_s"] < 60
+
+
+def test_an_emulated_guest_is_told_the_host_tsc_rate_so_it_never_calibrates_against_the_pit(tmp_path):
+    """A busy host made the guest's PIT calibration fail and the guest hang before its first console
+    line; with tsc_early_khz it boots whatever the load."""
+    from dhg_kernel.vm.machine import guest_cmdline, host_tsc_khz
+    from dhg_kernel.vm.qemu import Machine
+
+    known = tmp_path / "known"
+    known.write_text("processor\t: 0\ncpu MHz\t\t: 2300.000\nflags\t\t: fpu tsc constant_tsc nonstop_tsc tsc_known_freq\n")
+    guessed = tmp_path / "guessed"
+    guessed.write_text("processor\t: 0\ncpu MHz\t\t: 1999.5\nflags\t\t: fpu tsc constant_tsc\n")
+    assert host_tsc_khz(known) == 2_300_000
+    assert host_tsc_khz(guessed) is None  # a rate the host kernel only measured is not passed on
+    assert host_tsc_khz(tmp_path / "missing") is None
+    assert "tsc_early_khz=2300000" in guest_cmdline("1g", tsc_khz=2_300_000)
+    assert "tsc_early_khz" not in guest_cmdline("1g")
+    assert "tsc_early_khz" not in Machine.kernel_cmdline("1g", accel="kvm")
+    if host_tsc_khz():
+        assert f"tsc_early_khz={host_tsc_khz()}" in Machine.kernel_cmdline("1g")

@@ -193,7 +193,7 @@ def qemu_snapshot(runner: PhaseRunner, dh_version: str = DH_VERSION, ram_mb: int
                         rootfs=layout.rel(layout.rootfs_image(dh_version)), ram_mb=ram_mb or q.DEFAULT_RAM_MB, heap=heap,
                         accel=accel, cpu=q.TCG_CPU if accel == "tcg" else "host",
                         append=q.Machine.kernel_cmdline(heap, jvm_opts if jvm_opts is not None
-                                                        else q.TCG_JVM_OPTS if accel == "tcg" else ""))
+                                                        else q.TCG_JVM_OPTS if accel == "tcg" else "", accel))
     key = input_key("snapshot", runner.keys["image"], runner.keys["kernel"], version, machine.__dict__, WARMUP_CELLS)
     final = layout.snapshots(dh_version)
 

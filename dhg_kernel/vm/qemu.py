@@ -32,7 +32,7 @@ from ..instances import destroy, new_instance
 from .base import (SNAPSHOT_METADATA, Backend, ColdBoot, RestoredInstance, check_snapshot_inputs, connect_unix,
                    file_stamp, new_key, read_snapshot_metadata, require_snapshot_files)
 from .host import kvm_usable
-from .machine import DEFAULT_HEAP, DEFAULT_RAM_MB, GUEST_DH_PORT, guest_cmdline
+from .machine import DEFAULT_HEAP, DEFAULT_RAM_MB, GUEST_DH_PORT, guest_cmdline, host_tsc_khz
 from .qmp import Monitor, QMPCommandError
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -85,9 +85,9 @@ class Machine:
     append: str = ""
 
     @staticmethod
-    def kernel_cmdline(heap: str, jvm_opts: str = "") -> str:
-        """The guest kernel command line (see ``machine.guest_cmdline``)."""
-        return guest_cmdline(heap, jvm_opts)
+    def kernel_cmdline(heap: str, jvm_opts: str = "", accel: str = "tcg") -> str:
+        """The guest kernel command line (see ``machine.guest_cmdline``); under TCG it names the TSC rate."""
+        return guest_cmdline(heap, jvm_opts, tsc_khz=host_tsc_khz() if accel == "tcg" else None)
 
     def argv(self, vm_dir: Path, qemu: str, mem_path: Path, shared: bool, host_port: int,
              incoming: bool) -> list[str]:
