@@ -36,6 +36,8 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench_local.py
+	$(PY) bench/bench_fetch.py
+	$(PY) bench/bench_live.py
 	$(PY) bench/bench_qemu.py
 	$(PY) bench/bench_rich.py
 

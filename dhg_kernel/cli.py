@@ -10,9 +10,23 @@ from pathlib import Path
 
 from . import files as files_mod
 from .config import DEFAULT_MAX_PUSH_MB, DEFAULT_MAX_ROWS, DH_VERSION, Layout, default_backend
-from .display import format_mapping, format_text
+from .display import format_mapping, format_text, timing_line
 from .errors import DhvmError
 from .session import Session
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    """The options of commands that run code in a fresh server (exec, fetch)."""
+    p.add_argument("script", nargs="?", help="Python file to run ('-' for stdin)")
+    p.add_argument("-c", "--code", help="code to run instead of a file")
+    p.add_argument("-i", "--input", action="append", default=[], metavar="NAME=FILE",
+                   help="send a local parquet, CSV or Arrow file as the Deephaven table NAME before the code runs "
+                        "(repeatable; counts against --max-push-mb)")
+    p.add_argument("--timeout", type=float, default=0, help="cancel after this many seconds")
+    p.add_argument("--file", action="append", default=[], metavar="PATH", help="push this workspace file too")
+    p.add_argument("--no-files", action="store_true", help="do not scan the code for files to push")
+    p.add_argument("--max-push-mb", type=float, default=DEFAULT_MAX_PUSH_MB, help="push limit in MiB")
+    p.add_argument("-v", "--verbose", action="store_true", help="print per-phase timings")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -21,22 +35,42 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-dir", default=None, help="DHG_HOME for artifacts and run dirs (default: $DHG_HOME or ~/.dhg)")
 
 
-def cmd_exec(args) -> int:
+def _read_code(args) -> str | None:
+    """The script (a file, or '-' for stdin) or -c CODE; None (after saying so) when not exactly one is given."""
     if (args.script is None) == (args.code is None):
-        print("dhvm exec: give a SCRIPT file or -c CODE (one of them)", file=sys.stderr)
-        return 2
-    code = args.code if args.code is not None else (sys.stdin.read() if args.script == "-" else Path(args.script).read_text())
+        print(f"dhvm {args.command}: give a SCRIPT file or -c CODE (one of them)", file=sys.stderr)
+        return None
+    return args.code if args.code is not None else (sys.stdin.read() if args.script == "-" else Path(args.script).read_text())
+
+
+def _to_send(args, code: str) -> tuple[files_mod.ScanReport, list[files_mod.CellInput]]:
+    """The workspace files the code names (and --file), and the -i NAME=FILE tables, within --max-push-mb."""
     workspace = Path.cwd()
     report = files_mod.ScanReport() if args.no_files else files_mod.scan(code, workspace)
     files_mod.add_explicit(report, args.file, workspace)
-    files_mod.check_limit(report.files, args.max_push_mb)
+    inputs = [files_mod.CellInput.from_file(spec) for spec in args.input]
+    files_mod.check_limit(report.files, args.max_push_mb, inputs)
+    return report, inputs
+
+
+def _execute(session: Session, args, code: str, report: files_mod.ScanReport, inputs: list[files_mod.CellInput],
+             max_rows: int | None, stream: bool):
+    """Run the code in the session's server, streaming its output to this process's stdout/stderr."""
+    return session.execute(
+        code, report.files, max_rows=max_rows, timeout=args.timeout or None, inputs=inputs,
+        on_stdout=(lambda t: (sys.stdout.write(t), sys.stdout.flush())) if stream else None,
+        on_stderr=(lambda t: (sys.stderr.write(t), sys.stderr.flush())) if stream else None)
+
+
+def cmd_exec(args) -> int:
+    code = _read_code(args)
+    if code is None:
+        return 2
+    report, inputs = _to_send(args, code)
     session = Session(args.backend, args.config_dir)
     stream = not args.json
     try:
-        result = session.execute(
-            code, report.files, max_rows=args.max_rows if args.max_rows > 0 else None, timeout=args.timeout or None,
-            on_stdout=(lambda t: (sys.stdout.write(t), sys.stdout.flush())) if stream else None,
-            on_stderr=(lambda t: (sys.stderr.write(t), sys.stderr.flush())) if stream else None)
+        result = _execute(session, args, code, report, inputs, args.max_rows if args.max_rows > 0 else None, stream)
     finally:
         session.stop()
     result.files_skipped = report.skipped
@@ -48,6 +82,34 @@ def cmd_exec(args) -> int:
         if text:
             print(text, file=sys.stderr if result.error and not result.tables else sys.stdout)
     return 0 if result.ok else 1
+
+
+def cmd_fetch(args) -> int:
+    """Run a script in a fresh server, then stream its table NAME into a local file (no CLI session outlives
+    its command, so the table is made and fetched in one go)."""
+    from .tablefiles import check_target
+
+    check_target(args.to, args.format, args.force)  # before a server is started for nothing
+    code = _read_code(args)
+    if code is None:
+        return 2
+    report, inputs = _to_send(args, code)
+    session = Session(args.backend, args.config_dir)
+    try:
+        # The script's tables are not printed: only the one asked for travels, and into the file.
+        result = _execute(session, args, code, report, inputs, max_rows=0, stream=True)
+        if args.verbose:
+            print(timing_line(result), file=sys.stderr)
+        if not result.ok:
+            print("".join(result.error.traceback).rstrip() or str(result.error) if result.error else result.status,
+                  file=sys.stderr)
+            return 1
+        written = session.fetch_to(args.name, args.to, args.format, args.force,
+                                   progress=False if args.quiet or not sys.stderr.isatty() else None)
+    finally:
+        session.stop()
+    print(written)
+    return 0
 
 
 def cmd_status(args) -> int:
@@ -140,18 +202,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("exec", help="run a script (or -c CODE) in a fresh Deephaven server and print its output and tables")
-    p.add_argument("script", nargs="?", help="Python file to run ('-' for stdin)")
-    p.add_argument("-c", "--code", help="code to run instead of a file")
+    _add_run(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (stdout, stderr, tables, error, timings)")
     p.add_argument("--compact", action="store_true", help="with --json: no indentation")
     p.add_argument("-n", "--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows per table to bring back (0: all)")
-    p.add_argument("--timeout", type=float, default=0, help="cancel after this many seconds")
-    p.add_argument("--file", action="append", default=[], metavar="PATH", help="push this workspace file too")
-    p.add_argument("--no-files", action="store_true", help="do not scan the code for files to push")
-    p.add_argument("--max-push-mb", type=float, default=DEFAULT_MAX_PUSH_MB, help="push limit in MiB")
-    p.add_argument("-v", "--verbose", action="store_true", help="print per-phase timings")
     _add_common(p)
     p.set_defaults(func=cmd_exec)
+
+    from .tablefiles import FORMAT_NAMES
+
+    p = sub.add_parser("fetch", help="run a script (or -c CODE) in a fresh Deephaven server, then write its table "
+                                     "NAME, all of it, to a local parquet, CSV or Arrow file")
+    p.add_argument("name", metavar="NAME", help="the Deephaven table the script makes")
+    p.add_argument("--to", required=True, metavar="FILE", help="where to write it: *.parquet, *.csv, *.arrow or "
+                                                                 "*.feather (or say --format)")
+    p.add_argument("--format", choices=FORMAT_NAMES, help="the file's format, whatever its name")
+    p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_run(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("status", help="which backend runs cells and why, the snapshot, live instances")
     p.add_argument("--json", action="store_true")
@@ -210,7 +280,14 @@ EXIT_ERROR = 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes NAME and SCRIPT of `dhvm fetch NAME --to FILE SCRIPT` in one go, before --to, so a
+    # SCRIPT after the options is left over: it is the script.
+    if extra and args.command == "fetch" and args.script is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.script, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except DhvmError as e:

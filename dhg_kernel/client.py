@@ -166,12 +166,12 @@ class AgentClient:
 
     def request(self, header: dict, payloads: Sequence = (), on_frame: Callable[[P.Frame], None] | None = None,
                 timeout: float | None = None, abandon: bool = False, tick: Tick | None = None,
-                rid: int | None = None) -> dict:
+                rid: int | None = None, grace: float = CANCEL_GRACE_S) -> dict:
         """Send a request and handle its events until its ``done``; returns the done header.
 
         Past ``timeout``: with ``abandon`` the answer is dropped (AnswerAbandoned; the agent is left
         alone, its late answer discarded); otherwise a cancel is sent and the agent gets
-        ``CANCEL_GRACE_S`` to finish, past which (or on a second interrupt) AgentUnresponsive.
+        ``grace`` seconds (CANCEL_GRACE_S) to finish, past which (or on a second interrupt) AgentUnresponsive.
         A KeyboardInterrupt cancels the same way, and so does ``stop(rid)`` from another thread (``rid``:
         an id from ``new_id()``, for the caller to know it). ``tick``: a check run while waiting (see Tick).
         """
@@ -185,13 +185,13 @@ class AgentClient:
                 frames.put(_Gone(self.dead, self.death))
         try:
             self._send({**header, "id": rid}, payloads)
-            return self._wait(rid, frames, on_frame, timeout, abandon, tick)
+            return self._wait(rid, frames, on_frame, timeout, abandon, tick, grace)
         finally:
             with self._lock:
                 self._waiting.pop(rid, None)
 
     def _wait(self, rid: int, frames: queue.Queue, on_frame, timeout: float | None, abandon: bool,
-              tick: Tick | None) -> dict:
+              tick: Tick | None, grace: float) -> dict:
         deadline = time.monotonic() + timeout if timeout else None
         cancel_deadline: float | None = None
         interrupted = False
@@ -209,21 +209,21 @@ class AgentClient:
                 if abandon:
                     raise AnswerAbandoned(f"no answer within {timeout:g}s; the answer was dropped") from None
                 if cancel_deadline is None:
-                    cancel_deadline = self._cancel(rid)
+                    cancel_deadline = self._cancel(rid, grace)
                     continue
                 raise AgentUnresponsive(
-                    f"the cell did not stop within {CANCEL_GRACE_S:g}s of being cancelled") from None
+                    f"the cell did not stop within {grace:g}s of being cancelled") from None
             except KeyboardInterrupt:
                 if cancel_deadline is not None:
                     raise AgentUnresponsive("interrupted twice; the cell did not stop") from None
                 interrupted = True
-                cancel_deadline = self._cancel(rid)
+                cancel_deadline = self._cancel(rid, grace)
                 continue
             if isinstance(item, _Gone):
                 raise AgentDied(item.why, item.death)
             if isinstance(item, _Stop):
                 if cancel_deadline is None:
-                    cancel_deadline = self._cancel(rid)
+                    cancel_deadline = self._cancel(rid, grace)
                 continue
             ev = item.header
             if ev.get("ev") == P.EV_ERROR and ev.get("re") is None:
@@ -235,10 +235,10 @@ class AgentClient:
                     ev["interrupted"] = True
                 return ev
 
-    def _cancel(self, rid: int) -> float:
+    def _cancel(self, rid: int, grace: float = CANCEL_GRACE_S) -> float:
         try:
             # Its own id, whose answer nobody waits for (dropped by the reader).
             self._send({"op": P.OP_CANCEL, "id": self.new_id(), "target": rid})
         except DhvmError:
             pass
-        return time.monotonic() + CANCEL_GRACE_S
+        return time.monotonic() + grace

@@ -18,6 +18,8 @@ DATA_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow", ".tx
 AGENT_START_TIMEOUT_S = 180.0
 # How long a cancelled cell may take to stop before its VM is declared stuck and replaced.
 CANCEL_GRACE_S = 2.0
+# A streamed fetch stops between batches, after the slice it is converting: allow for that in a VM.
+STREAM_CANCEL_GRACE_S = 30.0
 # How long a completion or inspection may take before its answer is dropped (the VM is kept).
 QUESTION_DEADLINE_S = 3.0
 # How often a VM gets the host's wall clock while a session lives (its own clock drifts under emulation).

@@ -175,7 +175,13 @@ class LiveView:
         else:
             state = f"static table (it does not tick) · snapshot at {_clock(t.snapshot_time)}"
         rate = f" · at most {self.rate:g} updates/s" if u.ticking and not stopped else ""
-        return live_bundle(t, state, which + rate, t.df, stopped=bool(stopped))
+        df = t.df
+        if not u.head:
+            # The last rows are labelled with their row numbers in the table (as the first view's
+            # df.tail() is), not 0…n-1 of the snapshot.
+            start = max(t.rows - len(df), 0)
+            df = df.set_axis(range(start, start + len(df)))
+        return live_bundle(t, state, which + rate, df, stopped=bool(stopped))
 
     def update(self, u: LiveUpdate) -> None:
         with self._lock:

@@ -101,6 +101,14 @@ class AgentRefused(DhvmError):
     """The agent answered a request with an error (a missing table, a bad request)."""
 
 
+# -- tables as local files --------------------------------------------------------------------------
+
+
+class TableFileError(DhvmError):
+    """A table could not be written to a local file (``fetch --to``) or read from one (``-i NAME=FILE``);
+    nothing was left under the file's name."""
+
+
 # -- dhvm prepare -----------------------------------------------------------------------------------
 
 

@@ -182,3 +182,15 @@ class CellInput:
             raise UsageError(f"-i {source}: a {type(value).__name__} is neither a DataFrame/Arrow table nor "
                              f"JSON-able ({e}); send tables, or numbers, strings, lists and dicts of them") from None
         return cls(source, name, "json", text.encode())
+
+    @classmethod
+    def from_file(cls, spec: str) -> "CellInput":
+        """``NAME=FILE`` (``dhvm exec -i``): a local parquet, CSV or Arrow file, read with pyarrow and sent as
+        the Deephaven table ``NAME``. UsageError for a bad spec, a missing file or an unknown extension."""
+        from .tablefiles import FORMATS, read_table
+
+        name, sep, path = spec.partition("=")
+        if not sep or not path or not name.isidentifier():
+            raise UsageError(f"-i {spec}: write -i NAME=FILE, NAME a Python name and FILE one of "
+                             f"{', '.join('*' + s for s in FORMATS)} (e.g. -i trades=data/trades.parquet)")
+        return cls.of(spec, name, read_table(path, what=f"-i {spec}"))

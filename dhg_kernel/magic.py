@@ -6,9 +6,11 @@ defaults from traitlets (so ``%config Dhvm.max_rows = 500`` and IPython profiles
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
@@ -18,15 +20,16 @@ from traitlets import Bool, Enum, Float, Integer, List, Unicode, observe
 from . import files as files_mod
 from .config import (DATA_EXTENSIONS, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_PUSH_MB, DEFAULT_MAX_ROWS,
                      DEFAULT_TIMEOUT_S, default_backend, default_mode)
-from .display import format_mapping, show_display, show_in_ipython
+from .display import LiveView, format_mapping, show_display, show_in_ipython
 from .errors import UsageError
-from .result import CellResult, RemoteValue
+from .live import DEFAULT_LIVE_RATE, DEFAULT_LIVE_ROWS
+from .result import CellResult, RemoteValue, TableResult
 from .session import Session
 from .tables import DTYPE_BACKENDS
 
 # Pixels of an embedded table or figure view (%dhvm ide NAME).
 IDE_FRAME_HEIGHT = 420
-LINE_COMMANDS = ("status", "tables", "stats", "fetch", "ide", "reset", "stop")
+LINE_COMMANDS = ("status", "tables", "stats", "fetch", "show", "live", "ide", "reset", "stop")
 
 
 @magics_class
@@ -49,6 +52,11 @@ class Dhvm(Magics):
     mode = Enum(["per-session", "per-cell"], default_value=default_mode(),
                 help="per-session: one server for all cells; per-cell: a fresh server for every cell.").tag(config=True)
     pool_size = Integer(1, help="Per-cell mode: servers kept restored and ready in the background.").tag(config=True)
+    live = Bool(True, help="Show a ticking table a cell returns as a live view that keeps updating while the "
+                "session lives (per-session mode).").tag(config=True)
+    live_rows = Integer(DEFAULT_LIVE_ROWS, help="Rows a live view shows (its last rows).").tag(config=True)
+    live_rate = Float(DEFAULT_LIVE_RATE, help="Most updates a second a live view shows; bursts of ticks "
+                      "are coalesced.").tag(config=True)
     network = Bool(False, help="Firecracker: give guests outbound network access (the snapshot must have been "
                    "prepared with --network). Off by default: a VM has no network.").tag(config=True)
 
@@ -101,17 +109,21 @@ class Dhvm(Magics):
               help="Push this workspace file too (for paths the scanner cannot see).")
     @argument("--no-files", action="store_true", help="Do not scan the cell for files to push.")
     @argument("--max-push-mb", type=float, default=None, help="Push limit for this cell, in MiB (default 50).")
+    @argument("--no-live", action="store_true", help="Show ticking tables as a snapshot, not a live view.")
     @argument("--per-cell", action="store_true",
               help="Run this cell in a fresh server that is destroyed afterwards (Dhvm.mode for every cell).")
     @argument("command", nargs="*",
-              help="Line magic only: status | tables | stats | fetch NAME | ide [NAME] | reset | stop, or code to run.")
+              help="Line magic only: status | tables | stats | fetch NAME [--to FILE [--force]] | show NAME [-n N] [--head] [--rate R] | "
+                   "live [stop [NAME]] | ide [NAME] | reset | stop, or code to run.")
     @line_cell_magic
     def dhvm(self, line: str, cell: str | None = None):
         """Run the cell in a Deephaven server inside a microVM; tables come back as DataFrames.
 
-        Line magic: ``%dhvm status``, ``%dhvm tables``, ``%dhvm stats``, ``%dhvm fetch NAME``,
-        ``%dhvm ide [NAME]`` (the web UI: the console, or a table or figure), ``%dhvm reset`` (a fresh
-        server), ``%dhvm stop``; anything else is run as code.
+        Line magic: ``%dhvm status``, ``%dhvm tables``, ``%dhvm stats``, ``%dhvm fetch NAME`` (``--to FILE``:
+        the whole table into a parquet, CSV or Arrow file),
+        ``%dhvm show NAME`` (a live view of a table), ``%dhvm live`` (the live views; ``live stop
+        [NAME]`` ends them), ``%dhvm ide [NAME]`` (the web UI: the console, or a table or figure),
+        ``%dhvm reset`` (a fresh server), ``%dhvm stop``; anything else is run as code.
         """
         if cell is None:
             words = line.split()
@@ -139,9 +151,22 @@ class Dhvm(Magics):
             print(format_mapping(self.session.stats()))
             return None
         if cmd == "fetch":
-            if len(rest) != 1:
-                raise UsageError("usage: %dhvm fetch TABLE_NAME")
-            return self.session.fetch(rest[0], self.max_rows, self.dtype_backend).df
+            return self._fetch(rest)
+        if cmd == "show":
+            return self._show_live(rest)
+        if cmd == "live":
+            if rest[:1] == ["stop"] and len(rest) <= 2:
+                n = self.session.stop_live(rest[1] if len(rest) == 2 else None, reason="stopped by %dhvm live stop")
+                print(f"dhvm: {n} live view{'s' if n != 1 else ''} stopped.")
+                return None
+            if rest:
+                raise UsageError("usage: %dhvm live (list the live views) | %dhvm live stop [NAME]")
+            import pandas as pd
+
+            rows = [{"table": f.name, "updates": f.updates,
+                     "rows": f.last.table.rows if f.last else None,
+                     "last update": f.last.updated if f.last else None} for f in self.session.live_views()]
+            return pd.DataFrame(rows, columns=["table", "updates", "rows", "last update"])
         if cmd == "ide":
             if len(rest) > 1:
                 raise UsageError("usage: %dhvm ide [NAME] (a table or figure; no name: the console)")
@@ -156,6 +181,60 @@ class Dhvm(Magics):
             return None
         raise UsageError(f"unknown command {cmd!r}; choose one of: {', '.join(LINE_COMMANDS)}")
 
+    def _fetch(self, words: list[str]):
+        """``%dhvm fetch NAME``: its first max_rows rows as a DataFrame. With ``--to FILE [--force] [--format F]
+        [-q]``: the whole table streamed into a local parquet, CSV or Arrow file; returns what was written."""
+        from .tablefiles import FORMAT_NAMES
+
+        usage = "usage: %dhvm fetch NAME [--to FILE.parquet|.csv|.arrow [--force] [--format F] [-q]]"
+        ap = _Parser(prog="%dhvm fetch", add_help=False)
+        ap.add_argument("name")
+        ap.add_argument("--to", metavar="FILE")
+        ap.add_argument("--format", choices=FORMAT_NAMES)
+        ap.add_argument("--force", action="store_true")
+        ap.add_argument("-q", "--quiet", action="store_true")
+        try:
+            a = ap.parse_args(words)
+        except argparse.ArgumentError as e:
+            raise UsageError(f"{e}; {usage}") from None
+        if a.to is None:
+            if a.format or a.force or a.quiet:
+                raise UsageError(f"--format, --force and -q go with --to FILE; {usage}")
+            return self.session.fetch(a.name, self.max_rows, self.dtype_backend).df
+        return self.session.fetch_to(a.name, a.to, a.format, a.force, progress=False if a.quiet else None)
+
+    def _show_live(self, words: list[str]) -> None:
+        """``%dhvm show NAME [-n N] [--head] [--rate R]``: a live view of a table in the session."""
+        ap = _Parser(prog="%dhvm show", add_help=False)
+        ap.add_argument("name")
+        ap.add_argument("-n", "--rows", type=int, default=self.live_rows)
+        ap.add_argument("--head", action="store_true")
+        ap.add_argument("--rate", type=float, default=self.live_rate)
+        try:
+            a = ap.parse_args(words)
+        except argparse.ArgumentError as e:
+            raise UsageError(f"{e}; usage: %dhvm show NAME [-n ROWS] [--head] [--rate UPDATES_PER_S]") from None
+        first = self.session.fetch(a.name, a.rows, self.dtype_backend)
+        if not self._start_live(first, rows=a.rows, head=a.head, rate=a.rate):
+            from .display import show_table
+
+            show_table(first)
+
+    def _live_for(self, t: TableResult) -> bool:
+        """Show ticking table ``t`` (a cell's result) as a live view, if live views are on."""
+        if not self.live or not t.refreshing or self._session is None or self._session.mode != "per-session":
+            return False
+        return self._start_live(t, rows=self.live_rows, head=False, rate=self.live_rate)
+
+    def _start_live(self, first: TableResult, rows: int, head: bool, rate: float) -> bool:
+        # Only a kernel's frontend updates an output in place; a terminal would print every update anew.
+        if getattr(self.shell, "kernel", None) is None:
+            return False
+        view = LiveView(first, rows, head, rate)
+        self.session.watch(first.watch or first.name, view.update, view.end, rows=rows, head=head, rate=rate,
+                           dtype_backend=self.dtype_backend)
+        return True
+
     def _show_ide(self, name: str | None) -> None:
         """A link to the server's web UI (and, for a table or figure, the view itself, embedded)."""
         import html
@@ -168,7 +247,10 @@ class Dhvm(Magics):
         link = f'<a href="{html.escape(url)}" target="_blank" rel="noopener">Open {html.escape(what)}</a>'
         frame = f'<iframe src="{html.escape(url)}" width="100%" height="{IDE_FRAME_HEIGHT}" ' \
                 f'style="border:1px solid #ccc"></iframe>' if name else ""
-        display({"text/plain": f"{what}: {url}", "text/html": link + (f"<br>{frame}" if frame else "")}, raw=True)
+        note = _remote_browser_note(url, name)
+        display({"text/plain": f"{what}: {url}" + (f"\n{note}" if note else ""),
+                 "text/html": link + (f"<br>{frame}" if frame else "")
+                 + (f"<p style='color:#a15c00'>{html.escape(note)}</p>" if note else "")}, raw=True)
 
     def _run(self, code: str, args):
         workspace = Path(os.getcwd())
@@ -184,6 +266,7 @@ class Dhvm(Magics):
         for spec in args.output:
             outputs.append(_name_pair("-o", spec, "TABLE", check_remote=False))
         max_rows = args.max_rows if args.max_rows is not None else self.max_rows
+        live_off = args.no_live or args.per_cell
         timeout = args.timeout if args.timeout is not None else self.timeout
         # A backend that cannot start raises a DhvmError: IPython shows its message, the kernel lives on.
         if not args.per_cell:
@@ -193,7 +276,7 @@ class Dhvm(Magics):
             dtype_backend=self.dtype_backend, on_stdout=_writer(sys.stdout), on_stderr=_writer(sys.stderr),
             # -o means "give me the table": the display limit does not cut it.
             full_tables=[remote for _, remote in outputs], mode="per-cell" if args.per_cell else None,
-            on_display=show_display, inputs=inputs)
+            on_display=lambda out: show_display(out, live=None if live_off else self._live_for), inputs=inputs)
         if self.session.notice:
             print(self.session.notice, file=sys.stderr)
             self.session.notice = None
@@ -201,7 +284,8 @@ class Dhvm(Magics):
         if self.shell is not None:
             self.shell.user_ns["_dhvm"] = result
             self._bind_outputs(result, outputs)
-        show_in_ipython(result, quiet=args.quiet, verbose=args.verbose or self.verbose)
+        show_in_ipython(result, quiet=args.quiet, verbose=args.verbose or self.verbose,
+                        live=None if live_off else self._live_for)
         return RemoteValue(result.value) if result.value is not None else None
 
     def _inputs(self, specs: list[str]) -> list[tuple[str, str, object]]:
@@ -246,6 +330,25 @@ class Dhvm(Magics):
                 raise UsageError(f"-o {local}: there is no Deephaven table named {remote!r} in the session "
                                      f"(the cell returned: {', '.join(t.name for t in result.tables) or 'none'})")
             self.shell.user_ns[local] = table.df
+
+
+def _remote_browser_note(url: str, name: str | None) -> str | None:
+    """Under JupyterHub the browser is usually on another machine and cannot reach this host's
+    127.0.0.1: say how to get there. (Deephaven's web UI does not work through jupyter-server-proxy:
+    its pages load under /proxy/PORT/, but its API calls go to the server's root; see the README.)"""
+    if not os.environ.get("JUPYTERHUB_SERVICE_PREFIX"):
+        return None
+    port = urllib.parse.urlsplit(url).port
+    return (f"This notebook runs under JupyterHub, so your browser may not reach this machine's 127.0.0.1. "
+            f"Tunnel the port first (ssh -L {port}:127.0.0.1:{port} THIS_HOST), or watch the table here with "
+            f"a live view: %dhvm show {name or 'NAME'}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse for a line command: an error is raised (and becomes a UsageError), never an exit."""
+
+    def error(self, message):
+        raise argparse.ArgumentError(None, message)
 
 
 def _name_pair(flag: str, spec: str, other: str, check_remote: bool = True) -> tuple[str, str]:

@@ -23,10 +23,12 @@ from typing import Callable, Sequence
 
 from . import protocol as P
 from .client import AgentClient
-from .config import DEFAULT_BACKEND, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_ROWS, QUESTION_DEADLINE_S, Layout
+from .config import (CANCEL_GRACE_S, DEFAULT_BACKEND, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_ROWS, QUESTION_DEADLINE_S,
+                     STREAM_CANCEL_GRACE_S, Layout)
 from .errors import AgentDied, AgentRefused, AgentStartError, AgentUnresponsive, AnswerAbandoned, DhvmError, UsageError
 from .files import CellInput, PushFile
 from .instances import reap_stale
+from .live import DEFAULT_LIVE_RATE, DEFAULT_LIVE_ROWS, LiveFeed, LiveUpdate
 from .pool import WarmPool
 from .result import CellEvents, CellResult, DisplayOutput, ExecutionError, Stream, TableResult, table_from_event
 from .vm import Backend, Instance, choose_backend, get_backend
@@ -124,6 +126,8 @@ class Session:
         """A one-time warning for the user (e.g. auto fell back to the unisolated local backend)."""
         self._announcements: list[str] = []
         """VM replacements the user has not been told about yet: said in the next cell that runs."""
+        self._feeds: list[LiveFeed] = []
+        """Live views of tables in the session's server (they end with it)."""
         self._lock = threading.RLock()
         _live_sessions.add(self)
         install_exit_hooks()
@@ -189,6 +193,7 @@ class Session:
                 return
             self.mode = mode
             if mode == "per-cell" and self.live is not None:
+                self.stop_live(reason="the session switched to per-cell mode")
                 self.live.close()
                 self.live = None
             if mode == "per-session" and self._pool is not None:
@@ -208,9 +213,10 @@ class Session:
                 self.live = self._launch()
             return self.live.info
 
-    def stop(self) -> None:
-        """Destroy the session's instance and the warm pool (idempotent)."""
+    def stop(self, reason: str = "the session was stopped") -> None:
+        """Destroy the session's instance and the warm pool (idempotent); live views end first."""
         with self._lock:
+            self.stop_live(reason=reason)
             if self.live is not None:
                 self.live.close()
                 self.live = None
@@ -220,7 +226,7 @@ class Session:
 
     def reset(self) -> None:
         """Throw the server away; the next cell gets a fresh one."""
-        self.stop()
+        self.stop(reason="the session was reset")
 
     @property
     def last_start_ms(self) -> float | None:
@@ -363,7 +369,7 @@ class Session:
     # -- other requests ----------------------------------------------------------------------------
 
     def _request(self, live: ReadyAgent, header: dict, on_frame=None, timeout: float | None = 60,
-                 abandon: bool = False) -> dict:
+                 abandon: bool = False, rid: int | None = None, grace: float = CANCEL_GRACE_S) -> dict:
         errors: list[dict] = []
 
         def collect(frame: P.Frame) -> None:
@@ -373,7 +379,7 @@ class Session:
                 on_frame(frame)
 
         try:
-            done = live.client.request(header, (), collect, timeout=timeout, abandon=abandon)
+            done = live.client.request(header, (), collect, timeout=timeout, abandon=abandon, rid=rid, grace=grace)
         except (AgentDied, AgentUnresponsive) as e:
             what = header.get("op")
             tail = self._lost(live, f"the session's VM was replaced after it failed during a '{what}' request "
@@ -400,6 +406,44 @@ class Session:
         self._request(live, {"op": P.OP_FETCH, "name": name, "max_rows": max_rows}, on_frame, timeout=None)
         return got[0]
 
+    # -- live views ------------------------------------------------------------------------------------
+
+    def watch(self, name: str, on_update: Callable[[LiveUpdate], None], on_end: Callable[[str], None] | None = None,
+              *, rows: int = DEFAULT_LIVE_ROWS, head: bool = False, rate: float = DEFAULT_LIVE_RATE,
+              dtype_backend: str = DEFAULT_DTYPE_BACKEND) -> LiveFeed:
+        """A live view of table ``name``: ``on_update`` gets a snapshot of its last (or first) ``rows``
+        rows as it ticks, at most ``rate`` a second, from a thread of the view's own; ``on_end(why)``
+        once when it ends (stopped, the table released or rebound, the session stopped or lost)."""
+        if self.mode == "per-cell":
+            raise self._per_cell_note(f"no live view of {name!r}")
+        if rows < 1 or not 0 < rate <= 20:
+            raise UsageError(f"a live view needs rows >= 1 (not {rows}) and 0 < rate <= 20 updates/s (not {rate:g})")
+        with self._lock:
+            self.start()
+            assert self.live is not None
+            feed = LiveFeed(self.live.client, name, on_update, on_end, rows=rows, head=head, rate=rate,
+                            dtype_backend=dtype_backend)
+            self._feeds = [f for f in self._feeds if f.running]
+            self._feeds.append(feed)
+            return feed.start()
+
+    def live_views(self) -> list[LiveFeed]:
+        """The live views still running."""
+        with self._lock:
+            return [f for f in self._feeds if f.running]
+
+    def stop_live(self, name: str | None = None, reason: str = "stopped") -> int:
+        """End the live views (of table ``name``, or all); returns how many were running."""
+        with self._lock:
+            chosen = [f for f in self._feeds if name is None or f.name == name]
+            self._feeds = [f for f in self._feeds if f not in chosen and f.running]
+        running = [f for f in chosen if f.running]
+        for f in chosen:
+            f.stop(reason, wait=0)  # all cancels go out first; then each gets its grace
+        for f in chosen:
+            f.join()
+        return len(running)
+
     def _per_cell_note(self, what: str) -> DhvmError:
         return UsageError(f"{what}: in per-cell mode no server outlives its cell, so there is nothing to ask. "
                          f"Use -o NAME on the cell, or switch: %config Dhvm.mode = 'per-session'")
@@ -419,6 +463,55 @@ class Session:
             self.start()
             assert self.live is not None
             return self._fetch(self.live, name, max_rows, dtype_backend)
+
+    def fetch_to(self, name: str, path: str | os.PathLike, fmt: str | None = None, force: bool = False,
+                 progress: bool | None = None) -> "WrittenFile":
+        """The whole table ``name``, streamed batch by batch into a local parquet, CSV or Arrow file (by
+        ``path``'s extension, or ``fmt``), with the types of ``tables.PlainBatches``. An existing file is
+        refused unless ``force``; a failed or interrupted fetch leaves nothing under ``path``.
+        ``progress``: a bar on stderr (None: for big tables)."""
+        from .tablefiles import check_target
+
+        target, fmt = check_target(path, fmt, force)  # before anything is asked of the server
+        if self.mode == "per-cell":
+            raise self._per_cell_note(f"cannot fetch {name!r}")
+        with self._lock:
+            self.start()
+            assert self.live is not None
+            return self._fetch_to(self.live, name, target, fmt, force, progress)
+
+    def _fetch_to(self, live: ReadyAgent, name: str, target, fmt: str, force: bool,
+                  progress: bool | None) -> "WrittenFile":
+        import pyarrow as pa
+
+        from .tablefiles import TableFileWriter
+
+        rid = live.client.new_id()
+        # A write error stops the stream (a cancel, as a Ctrl-C would), so the server is free at once.
+        writer = TableFileWriter(target, fmt, name, force=force, progress=progress,
+                                 on_error=lambda e: live.client.stop(rid))
+
+        def on_frame(frame: P.Frame) -> None:
+            try:
+                kind = frame.header.get("ev")
+                if kind == P.EV_TABLE:
+                    writer.begin(frame.header.get("rows", 0), pa.ipc.read_schema(pa.py_buffer(frame.payloads[0])))
+                elif kind == P.EV_BATCH and writer.source is not None:
+                    writer.write(pa.ipc.read_record_batch(pa.py_buffer(frame.payloads[0]), writer.source))
+            except BaseException as e:  # noqa: BLE001 - a Ctrl-C or a bad message: stop the stream, raise it after
+                writer.fail(e)
+
+        with writer:  # any exception removes the temporary file
+            try:
+                # A cancel takes effect between batches, after the slice being converted (seconds in a VM).
+                done = self._request(live, {"op": P.OP_FETCH, "name": name, "stream": True}, on_frame,
+                                     timeout=None, rid=rid, grace=STREAM_CANCEL_GRACE_S)
+            except AgentRefused as e:
+                writer.check()  # the writer's own failure is what stopped the stream
+                if str(e).startswith("KeyboardInterrupt"):  # Ctrl-C: the agent stopped streaming
+                    raise KeyboardInterrupt from None
+                raise
+            return writer.finish(done.get("rows"))
 
     def _ask(self, header: dict, empty: dict) -> dict:
         """A read-only question (completion, inspection). It never starts, stops or replaces a VM and

@@ -10,14 +10,20 @@ into one-character strings, ``BigDecimal`` (sent as a 4-byte little-endian scale
 value's big-endian two's-complement bytes) into ``decimal.Decimal``, ``BigInteger`` into ``int``.
 ``LocalDate``/``LocalTime`` become ``datetime.date``/``datetime.time`` (pandas' usual object
 columns), arrays and vectors NumPy arrays.
+
+``PlainBatches`` makes the same conversions at the Arrow level, batch by batch, for files
+(``fetch --to``): one schema for the whole stream, Arrow's own types, Deephaven's metadata dropped.
 """
 
 from __future__ import annotations
 
 import decimal
+import json
 
 import pandas as pd
 import pyarrow as pa
+
+from .errors import TableFileError
 
 DTYPE_BACKENDS = ("numpy_nullable", "pyarrow", "numpy")
 
@@ -73,6 +79,11 @@ def deephaven_type(field: pa.Field) -> str | None:
     return value.decode() if value is not None else None
 
 
+def _is_char(field: pa.Field) -> bool:
+    """A Java ``char`` column, which Deephaven sends as its uint16 code."""
+    return deephaven_type(field) == "char" and pa.types.is_integer(field.type)
+
+
 def _chars(column: pa.ChunkedArray) -> pa.Array:
     """uint16 char codes -> one-character strings (UTF-32 code units viewed as NumPy U1), nulls kept."""
     codes = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
@@ -94,6 +105,98 @@ def _big_integer(raw: bytes | None):
 _PYTHON_VALUES = {"java.math.BigDecimal": _big_decimal, "java.math.BigInteger": _big_integer}
 
 
+def _python_values(field: pa.Field):
+    """How to turn a column's raw values into Python objects, for the Java types Deephaven sends as bytes."""
+    convert = _PYTHON_VALUES.get(deephaven_type(field) or "")
+    return convert if convert is not None and pa.types.is_binary(field.type) else None
+
+
+# Precision of the decimal a file gets for BigDecimal/BigInteger (the widest decimal128; what Spark and
+# most parquet readers take).
+DECIMAL_PRECISION = 38
+
+
+def _scale(value: decimal.Decimal | int) -> int:
+    return 0 if isinstance(value, int) else max(0, -value.as_tuple().exponent)
+
+
+class PlainBatches:
+    """Deephaven's Arrow record batches (or tables) as plain Arrow with the types a file's reader expects,
+    one batch at a time: ``char`` becomes a one-character string, ``BigDecimal`` a ``decimal128(38, S)``,
+    ``BigInteger`` a ``decimal128(38, 0)``, ``LocalDate`` a ``date32``; Deephaven's metadata is dropped.
+
+    With ``text`` (CSV, which holds no nested values), arrays and vectors become JSON text and
+    BigDecimal/BigInteger their exact digits. ``schema`` is the same for every batch of one stream: a
+    BigDecimal column's scale S is the largest in the first batch converted (so a writer that buffers
+    gets a better guess); a later value with more decimal places cannot be written and says so.
+    """
+
+    def __init__(self, schema: pa.Schema, text: bool = False):
+        self.source = schema
+        self.text = text
+        self._scales: dict[int, int] = {}
+        self._schema: pa.Schema | None = None
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The output schema (final once the first batch is converted: it fixes decimal scales)."""
+        if self._schema is None:
+            self._schema = pa.schema([pa.field(f.name, self._type(i, f)) for i, f in enumerate(self.source)])
+        return self._schema
+
+    def _type(self, i: int, field: pa.Field) -> pa.DataType:
+        if _is_char(field):
+            return pa.string()
+        if _python_values(field) is not None:
+            if self.text:
+                return pa.string()
+            return pa.decimal128(DECIMAL_PRECISION, self._scales.get(i, 0))
+        if self.text and (pa.types.is_list(field.type) or pa.types.is_large_list(field.type)):
+            return pa.string()
+        if pa.types.is_date64(field.type):
+            return pa.date32()
+        return field.type
+
+    def convert(self, batch: pa.RecordBatch | pa.Table) -> pa.RecordBatch | pa.Table:
+        """One batch (or a table of several) in the output schema."""
+        values = {i: [convert(v) for v in batch.column(i).to_pylist()]
+                  for i, f in enumerate(self.source) if (convert := _python_values(f)) is not None}
+        if self._schema is None:  # the first batch fixes each BigDecimal column's scale
+            self._scales = {i: max((_scale(v) for v in vs if v is not None), default=0) for i, vs in values.items()}
+        schema = self.schema
+        columns = []
+        for i, (field, out) in enumerate(zip(self.source, schema)):
+            column = batch.column(i)
+            if i in values:
+                column = self._decimals(field.name, values[i], out.type)
+            elif _is_char(field):
+                column = _chars(column)
+            elif out.type != field.type:
+                column = _json_text(column) if pa.types.is_string(out.type) else column.cast(out.type)
+            columns.append(column)
+        return type(batch).from_arrays(columns, schema=schema)
+
+    @staticmethod
+    def _decimals(name: str, values: list, out: pa.DataType) -> pa.Array:
+        if pa.types.is_string(out):
+            return pa.array([None if v is None else str(v) if isinstance(v, int) else format(v, "f") for v in values],
+                            type=out)
+        try:
+            return pa.array(values, type=out)
+        except (pa.ArrowInvalid, decimal.InvalidOperation):
+            worst = max((v for v in values if v is not None), key=lambda v: (_scale(v), len(str(v))))
+            raise TableFileError(
+                f"column {name!r} holds {worst}, which does not fit the file's decimal({out.precision}, {out.scale}) "
+                f"(the scale was fixed by the first rows written). Give the column one scale in Deephaven first, "
+                f"e.g. t.update(\"{name} = {name}.setScale({_scale(worst)}, java.math.RoundingMode.HALF_UP)\"), "
+                f"or write CSV, which keeps every digit") from None
+
+
+def _json_text(column) -> pa.Array:
+    """Nested values (arrays, vectors) as JSON text, for CSV."""
+    return pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], type=pa.string())
+
+
 def to_pandas(table: pa.Table, dtype_backend: str = "numpy_nullable", rows: int | None = None) -> pd.DataFrame:
     """Convert an Arrow table to a DataFrame with the chosen dtype backend.
 
@@ -105,11 +208,10 @@ def to_pandas(table: pa.Table, dtype_backend: str = "numpy_nullable", rows: int 
         return pd.DataFrame(index=pd.RangeIndex(table.num_rows if rows is None else rows))
     later: dict[str, object] = {}
     for i, field in enumerate(table.schema):
-        jtype = deephaven_type(field)
-        if jtype == "char" and pa.types.is_integer(field.type):
+        if _is_char(field):
             table = table.set_column(i, field.with_type(pa.string()), _chars(table.column(i)))
-        elif jtype in _PYTHON_VALUES and pa.types.is_binary(field.type):
-            later[field.name] = _PYTHON_VALUES[jtype]
+        elif (convert := _python_values(field)) is not None:
+            later[field.name] = convert
     if dtype_backend == "numpy_nullable":
         df = table.to_pandas(types_mapper=_NULLABLE.get)
         for i, field in enumerate(table.schema):

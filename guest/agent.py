@@ -93,8 +93,9 @@ class Agent:
         self.running: tuple[object, int] | None = None  # (connection, request id) of the running exec
         self.running_lock = threading.Lock()
         self.cells = CellRunner(workdir, dh, namespace, self._running)
-        # (connection, request id) -> the stop event of each live view
-        self.watches: dict[tuple[int, object], threading.Event] = {}
+        # (connection, request id) -> (kind, stop event) of each request that streams until stopped:
+        # live views ("watch") and streamed fetches ("fetch"). A cancel sets the event.
+        self.streams: dict[tuple[int, object], tuple[str, threading.Event]] = {}
         self.started = time.time()
         # op -> (where it runs, handler). A handler returns its done reply's fields (None: a notice,
         # no reply) or raises; "status" in the fields overrides "ok".
@@ -157,7 +158,7 @@ class Agent:
                 break
             self._dispatch(Request(conn, frame.header, frame.payloads))
         self._cancel_if_running(conn, None)
-        self._stop_watches(conn, None)
+        self._stop_streams(conn, None)
         conn.close()
 
     # -- dispatch ----------------------------------------------------------------------------
@@ -216,13 +217,27 @@ class Agent:
             with self.running_lock:
                 self.running = None
 
-    def _stop_watches(self, conn, target) -> bool:
-        """Stop the live views of ``conn`` (all, or the one whose request id is ``target``)."""
+    def _stop_streams(self, conn, target) -> bool:
+        """Stop the streaming requests of ``conn`` (all, or the one whose request id is ``target``)."""
         with self.running_lock:
-            stops = [ev for (c, rid), ev in self.watches.items() if c == id(conn) and target in (None, rid)]
+            stops = [ev for (c, rid), (_, ev) in self.streams.items() if c == id(conn) and target in (None, rid)]
         for ev in stops:
             ev.set()
         return bool(stops)
+
+    @contextlib.contextmanager
+    def _stoppable(self, req: Request, kind: str, limit: int | None = None):
+        """A stop event for a streaming request, set by a cancel of it or the end of its connection."""
+        key, stop = (id(req.conn), req.rid), threading.Event()
+        with self.running_lock:
+            if limit is not None and sum(k == kind for k, _ in self.streams.values()) >= limit:
+                raise RuntimeError(f"already {limit} live views in this session; stop some first")
+            self.streams[key] = (kind, stop)
+        try:
+            yield stop
+        finally:
+            with self.running_lock:
+                self.streams.pop(key, None)
 
     def _cancel_if_running(self, conn, target) -> bool:
         with self.running_lock:
@@ -248,7 +263,7 @@ class Agent:
 
     def cancel(self, req: Request) -> dict:
         target = req.header.get("target")
-        stopped = target is not None and self._stop_watches(req.conn, target)
+        stopped = target is not None and self._stop_streams(req.conn, target)
         return {"cancelled": self._cancel_if_running(req.conn, target) or stopped}
 
     def stats(self, req: Request) -> dict:
@@ -256,7 +271,8 @@ class Agent:
         out = {"cells": self.cells.count, "uptime_s": round(time.time() - self.started, 1),
                "max_rss_bytes": usage.ru_maxrss * 1024, "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
                "tables": sum(1 for v in list(self.ns.values()) if self.dh.is_table(v)),
-               "live_views": len(self.watches), **self.clock.describe()}
+               "live_views": sum(kind == "watch" for kind, _ in list(self.streams.values())),
+               **self.clock.describe()}
         try:
             out.update(self.dh.jvm_memory())
         except Exception:
@@ -296,28 +312,19 @@ class Agent:
         if not self.dh.is_table(table):
             raise KeyError(f"no Deephaven table named {name!r} in the session")
         if req.header.get("stream"):
-            # The whole table, batch by batch; a cancel (the host's Ctrl-C) interrupts it.
-            with self._running(req.conn, req.rid):
-                return self.dh.stream_table(name, table, lambda h, p: req.conn.send({**h, "re": req.rid}, p))
+            # The whole table, batch by batch; a cancel (the host's Ctrl-C) stops it between batches.
+            with self._stoppable(req, "fetch") as stop:
+                return self.dh.stream_table(name, table, lambda h, p: req.conn.send({**h, "re": req.rid}, p), stop)
         head, ipc = self.dh.table_payload(name, table, req.header.get("max_rows"))
         safe_send(req.conn, {**head, "re": req.rid}, [ipc])
         return {}
 
     def watch(self, req: Request) -> dict:
         """A live view of a table: ``live`` events until cancelled or the table is released or rebound."""
-        key = (id(req.conn), req.rid)
-        stop = threading.Event()
-        with self.running_lock:
-            if len(self.watches) >= MAX_WATCHES:
-                raise RuntimeError(f"already {MAX_WATCHES} live views in this session; stop some first")
-            self.watches[key] = stop
-        try:
+        with self._stoppable(req, "watch", MAX_WATCHES) as stop:
             view = live.Watch(self.dh, self.ns, req.header, stop)
             with self.dh.context():
                 return view.run(lambda h, p: req.conn.send({**h, "re": req.rid}, p))
-        finally:
-            with self.running_lock:
-                self.watches.pop(key, None)
 
     def unknown(self, req: Request) -> dict:
         raise UnknownOperation(f"unknown op {req.header.get('op')!r}")

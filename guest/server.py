@@ -17,6 +17,8 @@ _ARROW_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 # Must match dhg_kernel.guest_java (a test checks): the image carries dhg_kernel.protocol, not guest_java.
 AUTH_HANDLER = "dhg.TokenAuthHandler"
 PSK_TYPE = "io.deephaven.authentication.psk.PskAuthenticationHandler"
+# Rows of a streamed table converted to Arrow at a time (see stream_table).
+STREAM_SLICE_ROWS = 262_144
 JVM_OPENS = ("java.base/java.lang", "java.base/java.util", "java.base/java.util.concurrent")
 
 
@@ -125,9 +127,14 @@ class Deephaven:
     def describe(self, table) -> dict:
         return {"rows": int(table.size), **self.describe_columns(table), "refreshing": bool(table.is_refreshing)}
 
-    def stream_table(self, name: str, table, send) -> dict:
+    def stream_table(self, name: str, table, send, stop) -> dict:
         """The whole table, a record batch per ``batch`` event after a ``table`` event with its schema;
-        returns the done reply's fields (rows and batches sent). A ticking table is snapshotted first."""
+        returns the done reply's fields (rows and batches sent). A ticking table is snapshotted first.
+
+        Deephaven's converter builds all its batches at its first ``next()``, so the table goes
+        ``STREAM_SLICE_ROWS`` rows at a time: only one slice is ever held as Arrow, the first batch
+        leaves at once, and ``stop`` (a cancel) is looked at between batches, never in the middle of
+        a send (a SIGINT there would cut a frame in half)."""
         from deephaven.arrow import _JTableToArrowConverter
 
         snapshot_ns = None
@@ -135,14 +142,19 @@ class Deephaven:
             table = table.snapshot()
             snapshot_ns = time.time_ns()
         total = int(table.size)
-        conv = _JTableToArrowConverter(table.j_table)
-        send({"ev": P.EV_TABLE, "name": name, "stream": True, **self.describe(table), "rows": total,
-              "refreshing": snapshot_ns is not None, **({"snapshot_ns": snapshot_ns} if snapshot_ns else {})},
-             [memoryview(conv.getSchema()).cast("B")])
         batches = 0
-        while conv.hasNext():
-            send({"ev": P.EV_BATCH, "seq": batches}, [memoryview(conv.next()).cast("B")])
-            batches += 1
+        for start in range(0, max(total, 1), STREAM_SLICE_ROWS):
+            part = table if total <= STREAM_SLICE_ROWS else table.slice(start, min(start + STREAM_SLICE_ROWS, total))
+            conv = _JTableToArrowConverter(part.j_table)
+            if start == 0:
+                send({"ev": P.EV_TABLE, "name": name, "stream": True, **self.describe(table), "rows": total,
+                      "refreshing": snapshot_ns is not None, **({"snapshot_ns": snapshot_ns} if snapshot_ns else {})},
+                     [memoryview(conv.getSchema()).cast("B")])
+            while conv.hasNext():
+                if stop.is_set():
+                    raise KeyboardInterrupt(f"fetch of {name!r} cancelled after {batches} batches")
+                send({"ev": P.EV_BATCH, "seq": batches}, [memoryview(conv.next()).cast("B")])
+                batches += 1
         return {"rows": total, "batches": batches}
 
     def table_payload(self, name: str, table, max_rows: int | None) -> tuple[dict, bytes]:

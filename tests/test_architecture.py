@@ -18,8 +18,8 @@ GUEST = ROOT / "guest"
 # Lowest first. A module may import from its own layer and the ones below, never above.
 LAYERS = [
     ("values", {"config", "errors", "protocol"}),
-    ("utilities", {"tables", "files", "instances", "watchdog", "guest_java", "pool"}),
-    ("conversation", {"result", "client"}),
+    ("utilities", {"tables", "tablefiles", "files", "instances", "watchdog", "guest_java", "pool"}),
+    ("conversation", {"result", "client", "live"}),
     ("backends", {"vm", "vm.*"}),
     ("image build", {"prepare", "prepare.*"}),
     ("sessions", {"session"}),

@@ -3,9 +3,9 @@ browser download) opens `jupyter lab`, picks "Deephaven microVM" in the launcher
 way a user does (typed into the cell editor, Shift+Enter); the checks read the rendered DOM.
 
 The tests of one backend share one JupyterLab and one notebook and run in file order: the first
-cell makes the table ``t`` that later cells use, until the kernel is interrupted, then restarted
-(a fresh VM), then shut down. Screenshots land in build/test-artifacts/
-(jupyterlab-<backend>-<step>.png)."""
+cell makes the table ``t`` that later cells use; a ticking table's live view is watched updating
+between cells, stopped and saved; then the kernel is interrupted, restarted (a fresh VM) and shut
+down. Screenshots land in build/test-artifacts/ (jupyterlab-<backend>-<step>.png)."""
 
 from __future__ import annotations
 
@@ -71,6 +71,7 @@ class Lab:
         self.url = f"http://127.0.0.1:{self.port}"
         root, settings = workdir / "notebooks", workdir / "lab-settings"
         root.mkdir()
+        self.root = root  # where the notebooks are saved
         # No "Would you like to get notified about official Jupyter news?" toast over the screenshots.
         (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
         (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
@@ -364,6 +365,179 @@ def test_an_error_shows_the_deephaven_summary_before_the_java_trace(notebook):
     java = [i for i, line in enumerate(after) if line.startswith("at io.deephaven.")]
     assert len(java) > 10, "the whole Java trace is still there, for whoever needs it"
     assert "--- full traceback ---" in after[:java[0]], f"the summary comes first, then the trace: {after[:java[0] + 1]}"
+
+
+# What a live view shows, read in one go: its data-rows, its heading as the user reads it, the
+# header and body cells of its table.
+_LIVE_JS = """v => ({rows: v.dataset.rows, heading: v.querySelector('h4').innerText.replace(/\\s+/g, ' ').trim(),
+    columns: [...v.querySelectorAll('table.dataframe thead th')].map(c => c.textContent.trim()),
+    index: [...v.querySelectorAll('table.dataframe tbody tr')].map(r => r.querySelector('th').textContent.trim()),
+    values: [...v.querySelectorAll('table.dataframe tbody tr')].map(
+        r => [...r.querySelectorAll('td')].map(c => c.textContent.trim()))})"""
+# Every frame the page paints (until _watched is called): how many live views the notebook holds,
+# and each distinct "data-rows heading" the view showed, in order.
+_WATCH_JS = """() => {
+    const w = {frames: 0, min: Infinity, max: 0, states: [], done: false};
+    window.__dhvmWatch = w;
+    const look = () => {
+        const views = document.querySelectorAll('.jp-Notebook .dhvm-live');
+        w.frames++;
+        w.min = Math.min(w.min, views.length);
+        w.max = Math.max(w.max, views.length);
+        if (views.length) {
+            const s = views[0].dataset.rows + ' ' + views[0].querySelector('h4').innerText;
+            if (s !== w.states[w.states.length - 1]) w.states.push(s);
+        }
+        if (!w.done) requestAnimationFrame(look);
+    };
+    requestAnimationFrame(look);
+}"""
+LIVE_HEADING = re.compile(r"● live · updated \d\d:\d\d:\d\d UTC")
+STOPPED_HEADING = re.compile(r"○ stopped \(stopped by %dhvm live stop\) · final snapshot at \d\d:\d\d:\d\d UTC")
+
+
+def _live_state(view) -> dict:
+    """The live view as the user reads it: ``rows`` (data-rows), ``shown_rows`` (the heading's
+    "N rows"), ``heading`` and ``xs``, the X column of the rows shown."""
+    s = view.evaluate(_LIVE_JS)
+    size = re.search(r"([\d,]+) rows × (\d+) columns", s["heading"])
+    assert size, s["heading"]
+    s["rows"], s["shown_rows"] = int(s["rows"]), int(size.group(1).replace(",", ""))
+    x = s["columns"].index("X") - 1  # (the first header cell is the index's, which has no td)
+    s["xs"] = [int(r[x]) for r in s["values"]]
+    return s
+
+
+def _check_consistent(s: dict) -> None:
+    """One snapshot: the heading's size is data-rows, and the rows shown are the table's last 10
+    (X = i: the row numbers up to rows - 1), each labelled with its row number."""
+    assert s["shown_rows"] == s["rows"], s
+    n = min(10, s["rows"])
+    assert s["xs"] == list(range(s["rows"] - n, s["rows"])), s
+    assert s["index"] == [str(x) for x in s["xs"]], s
+
+
+def _watched(page) -> dict:
+    """What the page painted since _WATCH_JS started (which it stops)."""
+    return page.evaluate("() => { const w = window.__dhvmWatch; w.done = true; "
+                         "return {frames: w.frames, min: w.min, max: w.max, states: w.states}; }")
+
+
+def _save(lab, notebook, timeout_s: float = 60) -> Path:
+    """Save the notebook as a user does (Ctrl+S; an untitled notebook's first save asks for a name:
+    the one offered is kept); returns the .ipynb on disk once this save wrote it."""
+    page = notebook.page
+    tab = page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab.jp-mod-current")
+    dialog = page.locator(".jp-Dialog")
+    t0 = time.time_ns()
+    page.keyboard.press("ControlOrMeta+s")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if dialog.count():
+            notebook.shot("live-4-save-dialog")
+            dialog.locator("button.jp-mod-accept").click()
+            from playwright.sync_api import expect
+
+            expect(dialog).to_have_count(0)
+        (session,) = [s for s in lab.api("sessions") if s["type"] == "notebook"]
+        path = lab.root / session["path"]
+        dirty = "jp-mod-dirty" in (tab.get_attribute("class") or "")
+        if path.is_file() and path.stat().st_mtime_ns >= t0 and not dirty:
+            return path
+        assert time.monotonic() < deadline, f"the notebook was not saved in {timeout_s} s (dirty: {dirty}, {path})"
+        time.sleep(0.2)
+
+
+def test_a_ticking_table_shows_a_live_view_that_updates_between_cells(notebook):
+    from playwright.sync_api import expect
+
+    page = notebook.page
+    cell = notebook.run("from deephaven import time_table\nticks = time_table('PT0.2S').update('X = i')",
+                        timeout_s=FIRST_OUTPUT_S)
+    view = notebook.outputs(cell, "text/html").locator("div.dhvm-live")
+    expect(view).to_have_count(1)
+    expect(view).to_have_attribute("data-table", "ticks")
+    expect(view.locator("h4 code")).to_have_text("ticks")
+    # the first snapshot is the cell's; "updated" comes with the view's own updates
+    expect(view.locator("h4")).to_contain_text(LIVE_HEADING, timeout=CELL_S * 1000)
+    expect(view).not_to_have_attribute("data-rows", "0")  # (a just-made time_table has no row until it ticks)
+    expect(notebook.outputs(cell, "application/vnd.jupyter.stderr")).to_have_count(0)
+    # (its output, not the view: every update renders a new div.dhvm-live into the same output)
+    notebook.outputs(cell, "text/html").scroll_into_view_if_needed()
+    page.evaluate(_WATCH_JS)
+    first = _live_state(view)
+    notebook.shot("live-1")
+    page.wait_for_timeout(3000)  # nothing runs: only the view's own updates can change the page
+    second = _live_state(view)
+    notebook.shot("live-2-3s-later")
+    painted = _watched(page)
+    print(f"\n[jupyterlab-{notebook.backend}] live view: {first['heading']!r} -> {second['heading']!r}; "
+          f"{len(painted['states'])} states painted in {painted['frames']} frames")
+    for s in (first, second):
+        _check_consistent(s)
+        assert LIVE_HEADING.search(s["heading"]) and "ticks" in s["heading"], s["heading"]
+    assert second["rows"] > first["rows"], (first, second)
+    assert second["xs"][-1] > first["xs"][-1], (first["xs"], second["xs"])
+    # the view updated in place: one output, in this cell only, in every frame painted
+    assert painted["frames"] > 0 and painted["min"] == painted["max"] == 1, painted
+    assert len(painted["states"]) >= 2, painted
+    # (besides, at most the note of the server's start when this is the notebook's first cell)
+    texts = notebook.outputs(cell).evaluate_all("els => els.map(e => e.querySelector('.dhvm-live') ? 'VIEW' : e.innerText)")
+    assert texts.count("VIEW") == 1 and all(t == "VIEW" or t.startswith("dhvm: ") for t in texts), texts
+    expect(page.locator(".jp-Notebook .dhvm-live")).to_have_count(1)
+
+
+def test_live_stop_leaves_the_view_stopped_on_its_final_snapshot(notebook):
+    from playwright.sync_api import expect
+
+    page = notebook.page
+    view = page.locator(".jp-Notebook div.dhvm-live")
+    expect(view).to_have_count(1)
+    before = _live_state(view)
+    assert LIVE_HEADING.search(before["heading"]), before["heading"]
+    cell = notebook.run("%dhvm live stop")
+    expect(notebook.outputs(cell, "application/vnd.jupyter.stdout")).to_have_text("dhvm: 1 live view stopped.\n")
+    expect(notebook.outputs(cell)).to_have_count(1)
+    expect(view.locator("h4")).to_contain_text(STOPPED_HEADING)
+    expect(view).to_have_count(1)
+    view.scroll_into_view_if_needed()
+    page.evaluate(_WATCH_JS)
+    stopped = _live_state(view)
+    notebook.shot("live-3-stopped")
+    page.wait_for_timeout(3000)  # the table still ticks in the server; the view must not follow it
+    after = _live_state(view)
+    painted = _watched(page)
+    print(f"\n[jupyterlab-{notebook.backend}] stopped view: {stopped['heading']!r}, 3 s later {after['heading']!r}")
+    _check_consistent(stopped)
+    assert "● live" not in stopped["heading"], stopped["heading"]
+    assert stopped["rows"] >= before["rows"], (before, stopped)
+    assert after == stopped, (stopped, after)
+    assert painted["frames"] > 0 and painted["min"] == painted["max"] == 1 and len(painted["states"]) == 1, painted
+
+
+def test_the_saved_notebook_keeps_the_live_views_final_snapshot_marked_stopped(lab, notebook):
+    page = notebook.page
+    shown = _live_state(page.locator(".jp-Notebook div.dhvm-live"))
+    path = _save(lab, notebook)
+    notebook.shot("live-5-saved")
+    nb = json.loads(path.read_text())
+
+    def text(value) -> str:  # nbformat keeps multi-line strings as lists of lines
+        return "".join(value) if isinstance(value, list) else value
+
+    views = [(c, o) for c in nb["cells"] for o in c.get("outputs", [])
+             if "dhvm-live" in text(o.get("data", {}).get("text/html", ""))]
+    assert len(views) == 1, [o for _, o in views]
+    (cell, out), = views
+    assert "time_table" in text(cell["source"]) and out["output_type"] == "display_data", (cell["source"], out)
+    plain, rich = text(out["data"]["text/plain"]), text(out["data"]["text/html"])
+    assert "○ stopped (stopped by %dhvm live stop) · final snapshot at" in plain, plain
+    assert "● live" not in plain and "● live" not in rich, plain
+    assert f"data-rows='{shown['rows']}'" in rich, (shown["rows"], rich[:300])
+    assert f"ticks  ({shown['rows']:,} rows × " in plain, plain
+    assert "transient" not in out, out  # the display id is not saved: the output is plain display_data
+    stop = [c for c in nb["cells"] if text(c["source"]).strip() == "%dhvm live stop"]
+    assert len(stop) == 1 and [text(o.get("text", "")) for o in stop[0]["outputs"]] == ["dhvm: 1 live view stopped.\n"], stop
 
 
 def test_interrupting_a_sleeping_cell_stops_it_and_keeps_the_vm(notebook):

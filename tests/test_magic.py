@@ -127,6 +127,18 @@ def test_ide_shows_a_link_and_the_tables_view_and_a_clear_error_for_other_names(
     assert "Traceback" not in cap.stdout, "a DhvmError shows as its message alone"
 
 
+def test_ide_under_jupyterhub_says_how_to_reach_the_port(ip, monkeypatch):
+    run(ip, "%%dhvm\nfrom deephaven import empty_table\nhub_t = empty_table(3)")
+    res, cap = run(ip, "%dhvm ide hub_t")
+    assert "JupyterHub" not in cap.outputs[0].data["text/plain"]
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/alice/")
+    res, cap = run(ip, "%dhvm ide hub_t")
+    text = cap.outputs[0].data["text/plain"]
+    port = ip.magics_manager.registry["Dhvm"].session.deephaven_address()[1]
+    assert f"ssh -L {port}:127.0.0.1:{port}" in text and "%dhvm show hub_t" in text
+    assert "JupyterHub" in cap.outputs[0].data["text/html"]
+
+
 def test_reset_gives_a_fresh_server(ip):
     run(ip, "%%dhvm\nkeep_me = 1")
     res, cap = run(ip, "%%dhvm\nprint(keep_me)")

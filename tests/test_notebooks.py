@@ -94,7 +94,19 @@ def check_per_cell(nb) -> None:
     assert "AAPL" in outputs_of(nb, "groupby('Sym')")[0].data["text/plain"]
 
 
-CHECKS = {"quickstart.ipynb": check_quickstart, "data_files.ipynb": check_data_files,
+def check_live_data(nb) -> None:
+    text = all_text(nb)
+    views = [o for o in outputs_of(nb, 'time_table("PT0.5S")') if "dhvm-live" in o.get("data", {}).get("text/html", "")]
+    assert len(views) == 1, "the ticking table is one live view"
+    # the saved notebook keeps its last snapshot, marked stopped by the %dhvm live stop cell
+    assert "○ stopped (stopped by %dhvm live stop)" in views[0]["data"]["text/plain"]
+    assert "1 live view stopped" in text
+    by_sym = outputs_of(nb, "-i orders")
+    assert any("by_sym" in o.get("data", {}).get("text/html", "") for o in by_sym)
+    assert "(200000, 9999950000.0)" in text and "200,000 rows" in text
+
+
+CHECKS = {"quickstart.ipynb": check_quickstart, "live_data.ipynb": check_live_data, "data_files.ipynb": check_data_files,
           "kernel.ipynb": check_kernel, "per_session.ipynb": check_per_session, "per_cell.ipynb": check_per_cell}
 
 
