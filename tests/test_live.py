@@ -12,6 +12,7 @@ import queue
 import re
 import threading
 import time
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -206,6 +207,38 @@ def test_a_kernel_updates_the_live_view_in_place_and_stops_it_cleanly(kernel_nam
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_restart_and_shutdown_with_a_live_view_running_leave_nothing(jupyter_path, tmp_path):
+    """The view's thread must not hold up a restart or a shutdown, nor keep the old server alive."""
+    from jupyter_client.manager import start_new_kernel
+
+    from dhg_kernel.config import Layout
+    from dhg_kernel.instances import alive, list_instances
+
+    home = tmp_path / "home"
+    km, kc = start_new_kernel(kernel_name="dhvm", env={**os.environ, "DHG_HOME": str(home), "DHG_BACKEND": "local"})
+    try:
+        reply = kc.execute_interactive("from deephaven import time_table\nrs = time_table('PT0.2S')", timeout=300,
+                                       output_hook=lambda m: None)
+        assert reply["content"]["status"] == "ok"
+        assert [m for m in _iopub_until(kc, 2.5) if m["msg_type"] == "update_display_data"], "the view runs"
+        (first,) = list_instances(Layout(home))
+        km.restart_kernel(now=False)
+        kc.wait_for_ready(timeout=60)
+        assert not alive(first.processes[0].pid, None) and not Path(first.dir).exists()
+        reply = kc.execute_interactive("from deephaven import time_table\nrs = time_table('PT0.2S')", timeout=300,
+                                       output_hook=lambda m: None)
+        assert reply["content"]["status"] == "ok"
+        (second,) = list_instances(Layout(home))
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    deadline = time.monotonic() + 10
+    while alive(second.processes[0].pid, None) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(second.processes[0].pid, None)
+    assert list_instances(Layout(home)) == []
 
 
 def test_a_saved_notebook_keeps_the_last_snapshot_marked_stopped(jupyter_path, dhg_home, tmp_path):
