@@ -7,6 +7,7 @@ second; the tests wait for a few of them.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -159,8 +160,10 @@ def _host(kc, code: str) -> str:
     return "".join(m["content"].get("text", "") for m in outs if m["msg_type"] == "stream")
 
 
-@pytest.mark.parametrize("kernel_name", ["dhvm", "python3"])
-def test_a_kernel_updates_the_live_view_in_place_and_stops_it_cleanly(kernel_name, jupyter_path, dhg_home):
+@pytest.mark.parametrize("kernel_name, stop", [("dhvm", "live stop"), ("python3", "live stop"), ("python3", "reset")])
+def test_a_kernel_updates_the_live_view_in_place_and_stops_it_cleanly(kernel_name, stop, jupyter_path, dhg_home):
+    """``%dhvm live stop`` leaves the kernel as it was with the server running; ``%dhvm reset`` as it was
+    before the server started."""
     from jupyter_client.manager import start_new_kernel
 
     km, kc = start_new_kernel(kernel_name=kernel_name,
@@ -170,15 +173,19 @@ def test_a_kernel_updates_the_live_view_in_place_and_stops_it_cleanly(kernel_nam
     try:
         if kernel_name == "python3":
             _host(kc, "%load_ext dhg_kernel\n%config Dhvm.heap = '1g'")
-        census = (local + "import os, threading\n"
+        # sockets, pipes and live-view threads (an eventfd the kernel's own machinery may open lazily is not ours)
+        census = (local + "import json, os, threading\n"
                   "def _target(f):\n    try:\n        return os.readlink(f'/proc/self/fd/{f}')\n"
-                  "    except OSError:\n        return None\n"
-                  # sockets and pipes (an eventfd the kernel's own machinery may open lazily is not ours)
-                  "fds = sorted(f for f in filter(None, map(_target, os.listdir('/proc/self/fd'))) "
-                  "if f.startswith(('socket:', 'pipe:')))\n"
-                  "print(len(fds), sorted(t.name for t in threading.enumerate() if t.name.startswith('dhvm-live')), fds)")
-        _host(kc, prefix + "x = 1")  # the server is up before counting
-        before = _host(kc, census)
+                  "    except OSError:\n        return ''\n"
+                  "fds = sorted(map(_target, os.listdir('/proc/self/fd')))\n"
+                  "print(json.dumps({'threads': sorted(t.name for t in threading.enumerate() "
+                  "if t.name.startswith('dhvm-live')), 'sockets': [f for f in fds if f.startswith('socket:')], "
+                  "'pipes': [f for f in fds if f.startswith('pipe:')]}))")
+        if stop == "reset":
+            before = json.loads(_host(kc, census))  # no server yet (a plain kernel starts one at its first %%dhvm cell)
+        _host(kc, prefix + "x = 1")
+        if stop != "reset":
+            before = json.loads(_host(kc, census))  # the server is up before counting
         msgs: list = []
         reply = kc.execute_interactive(prefix + "from deephaven import time_table\n"
                                        "ticks = time_table('PT0.2S').update('X = i')",
@@ -194,16 +201,21 @@ def test_a_kernel_updates_the_live_view_in_place_and_stops_it_cleanly(kernel_nam
         rows = [_rows_of(m) for m in later]
         assert rows == sorted(rows) and rows[-1] > rows[0], rows
         assert "● live · updated" in later[-1]["content"]["data"]["text/plain"]
-        assert re.search(r"\['dhvm-live-ticks'\]", _host(kc, census))
+        assert json.loads(_host(kc, census))["threads"] == ["dhvm-live-ticks"]
 
         msgs = []
-        kc.execute_interactive("%dhvm live stop", timeout=60, output_hook=msgs.append)
+        kc.execute_interactive(f"%dhvm {stop}", timeout=60, output_hook=msgs.append)
         final = [m for m in msgs if m["msg_type"] == "update_display_data"]
-        assert final and "○ stopped (stopped by %dhvm live stop)" in final[-1]["content"]["data"]["text/plain"]
+        why = "stopped by %dhvm live stop" if stop == "live stop" else "the session was reset"
+        assert final and f"○ stopped ({why})" in final[-1]["content"]["data"]["text/plain"]
         quiet = [m for m in _iopub_until(kc, 2.5) if m["msg_type"] == "update_display_data"]
         assert quiet == []
-        after = _host(kc, census)
-        assert after == before, (before, after)  # the same open files and sockets, no live-view thread
+        after = json.loads(_host(kc, census))
+        if stop == "reset":
+            # The server is gone, and with it its socket. The one pipe the kernel keeps for life is the
+            # write end of its watchdog's (instances.ensure_watchdog), started with the first server.
+            assert len(set(after.pop("pipes")) - set(before.pop("pipes"))) <= 1
+        assert after == before, (before, after)  # the same sockets (and pipes), no live-view thread
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
