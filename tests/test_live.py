@@ -331,3 +331,23 @@ def test_a_live_view_of_a_ticking_table_in_a_vm(vm):
     vm.reset()
     assert ended.get(timeout=5) == "the session was reset"
     assert _live_threads() == []
+
+
+def test_a_view_ends_at_once_when_the_server_dies_and_the_next_cell_says_so(dhg_home):
+    import signal
+
+    from dhg_kernel.session import Session
+
+    s = Session("local", dhg_home, heap="1g")
+    try:
+        s.execute("from deephaven import time_table\nkilled = time_table('PT0.2S')")
+        feed, got, ended = _collect(s, "killed")
+        assert _drain(got, 2.0)
+        os.kill(s.info["pid"], signal.SIGKILL)
+        why = ended.get(timeout=10)
+        assert why.startswith("error:") and "connection to the agent lost" in why, why
+        assert not feed.running and _live_threads() == []
+        r = s.execute("print(1)")
+        assert r.stdout.strip() == "1" and "was lost since the last cell" in r.stderr
+    finally:
+        s.stop()
