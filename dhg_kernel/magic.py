@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 import urllib.parse
@@ -128,6 +129,10 @@ class Dhvm(Magics):
         if cell is None:
             words = line.split()
             if words and words[0] in LINE_COMMANDS:
+                try:
+                    words = shlex.split(line)  # a quoted path may hold spaces: --to "my data.parquet"
+                except ValueError as e:
+                    raise UsageError(f"%dhvm {words[0]}: {e} (close the quote)") from None
                 return self._line_command(words)
             if not line.strip():
                 return self._line_command(["status"])

@@ -351,7 +351,11 @@ def test_magic_fetch_to_writes_the_whole_table_with_a_progress_bar_and_refuses_t
     assert not res.success and "usage: %dhvm fetch NAME" in cap.stdout
     res, cap = _cell(ip, "%dhvm fetch mbig --force")
     assert not res.success and "go with --to FILE" in cap.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mbig.parquet", "out.bin"]
+    res, cap = _cell(ip, f"%dhvm fetch mbig --to '{tmp_path / 'my data.arrow'}' -q")
+    assert res.success, cap.stdout  # a quoted path may hold spaces
+    res, cap = _cell(ip, f"%dhvm fetch mbig --to '{tmp_path / 'unclosed.arrow'}")
+    assert not res.success and "close the quote" in cap.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mbig.parquet", "my data.arrow", "out.bin"]
 
 
 # -- the command line ----------------------------------------------------------------------------------
