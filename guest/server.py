@@ -48,7 +48,10 @@ class Deephaven:
         # -Xrs: the JVM leaves SIGINT to Python, which is how a cancel interrupts a cell.
         # Java's temp files (Jetty's work dir, extracted native libraries) go where Python's go: the
         # instance's own directory for a local agent, so they vanish with it; no hsperfdata files.
-        jvm = [f"-Xmx{self.heap}", "-Xrs", f"-Djava.io.tmpdir={tempfile.gettempdir()}", "-XX:-UsePerfData",
+        # -XX:+DisableAttachMechanism: with -Xrs the JVM opens its attach socket (/tmp/.java_pid<pid>, always
+        # /tmp) at start-up, and a killed agent leaves it behind; nothing of ours attaches to the JVM.
+        jvm = [f"-Xmx{self.heap}", "-Xrs", "-XX:+DisableAttachMechanism", f"-Djava.io.tmpdir={tempfile.gettempdir()}",
+               "-XX:-UsePerfData",
                *(f"--add-opens={m}=ALL-UNNAMED" for m in JVM_OPENS)]
         self.server = Server(host=self.host, port=self.port, jvm_args=[*jvm, *auth],
                              extra_classpath=[str(self.classes)])

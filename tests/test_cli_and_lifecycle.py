@@ -88,6 +88,9 @@ def test_kill_9_of_the_owner_leaves_nothing_within_seconds(tmp_path):
     home = tmp_path / "home"
     owner, inst_dir, agent_pid = _start_owner(home)
     assert inst_dir.is_dir() and alive(agent_pid, None)
+    # The JVM runs in the agent's process; its attach socket (always in /tmp) would outlive a kill -9.
+    attach = Path(f"/tmp/.java_pid{agent_pid}")
+    assert not attach.exists(), "the JVM opened an attach socket in /tmp"
     owner.kill()
     owner.wait()
     assert _wait_gone(agent_pid, 10), "the agent outlived its owner"
@@ -95,6 +98,7 @@ def test_kill_9_of_the_owner_leaves_nothing_within_seconds(tmp_path):
     while inst_dir.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not inst_dir.exists(), "the owner's watchdog removes the instance"
+    assert not attach.exists()
     assert reap_stale(Layout(home)) == []
 
 
