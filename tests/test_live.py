@@ -29,6 +29,7 @@ def _collect(session, name, **kw):
 
 
 def _drain(q: "queue.Queue", seconds: float) -> list:
+    """What ``q`` (a queue, or anything with ``get(timeout=)``) yields within ``seconds``."""
     out, deadline = [], time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         try:
@@ -141,14 +142,14 @@ def _rows_of(msg) -> int:
     return int(m.group(1))
 
 
+class _IOPub:
+    def __init__(self, kc):
+        self.get = kc.get_iopub_msg
+
+
 def _iopub_until(kc, seconds: float) -> list:
-    out, deadline = [], time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            out.append(kc.get_iopub_msg(timeout=left))
-        except queue.Empty:
-            break
-    return out
+    """The kernel's iopub messages within ``seconds``."""
+    return _drain(_IOPub(kc), seconds)
 
 
 def _host(kc, code: str) -> str:
