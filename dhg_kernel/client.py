@@ -54,6 +54,8 @@ class AgentClient:
         self.death: dict | None = None
         """The VM init's ``agent_exit`` report, when the agent process died."""
         self._closed = threading.Event()
+        self._clock_lock = threading.Lock()
+        self._clock_held = False
         self._reader = threading.Thread(target=self._read_loop, name="dhg-client-reader", daemon=True)
         self._reader.start()
         if clock_notices:
@@ -93,10 +95,13 @@ class AgentClient:
         while not self._closed.wait(CLOCK_NOTICE_S):
             if self.dead is not None:
                 return
-            try:
-                self.stream.send({"op": P.OP_CLOCK, "now_ns": time.time_ns()})
-            except OSError:
-                return
+            with self._clock_lock:
+                if self._clock_held:
+                    continue  # a checkpoint is being taken: nothing may be in flight
+                try:
+                    self.stream.send({"op": P.OP_CLOCK, "now_ns": time.time_ns()})
+                except OSError:
+                    return
 
     # -- the conversation's fixed steps -----------------------------------------------------------
 
@@ -124,6 +129,27 @@ class AgentClient:
         except AnswerAbandoned:
             raise AgentStartError(f"the restored agent did not answer within {timeout:g}s") from None
         return {k: v for k, v in done.items() if k not in ("ev", "re", "status")}
+
+    def hold(self, timeout: float) -> dict:
+        """Before a checkpoint: returns once the agent has nothing half sent and will send nothing more
+        (and this client sends nothing) until ``resume``, or a restored VM's ``restored``. Its answer
+        names the tables the session holds."""
+        with self._clock_lock:
+            self._clock_held = True
+        try:
+            done = self.request({"op": P.OP_HOLD}, timeout=timeout, abandon=True)
+        except BaseException:
+            self.resume(timeout)
+            raise
+        return {k: v for k, v in done.items() if k not in ("ev", "re", "status")}
+
+    def resume(self, timeout: float) -> None:
+        """After a checkpoint: the agent (and this client's clock notices) carry on."""
+        try:
+            self.request({"op": P.OP_RESUME}, timeout=timeout)
+        finally:
+            with self._clock_lock:
+                self._clock_held = False
 
     # -- outgoing ----------------------------------------------------------------------------------
 

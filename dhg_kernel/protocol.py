@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: hold and resume (checkpoints)
 MAGIC = b"DHGF"
 _PREFIX = struct.Struct(">4sIH")
 _LEN = struct.Struct(">Q")
@@ -49,6 +49,10 @@ OP_INSPECT = "inspect"
 OP_RESTORED = "restored"
 # A live view of a table (guest/live.py): ``live`` events until cancelled or the table goes.
 OP_WATCH = "watch"
+# A checkpoint: ``hold`` answers once no frame of the agent's is half sent, and the agent then sends
+# nothing until ``resume`` (the VM kept running) or ``restored`` (a VM restored from the checkpoint).
+OP_HOLD = "hold"
+OP_RESUME = "resume"
 # A notice with no reply: the host's wall clock (``now_ns``), so a VM's clock cannot drift away.
 OP_CLOCK = "clock"
 

@@ -43,7 +43,7 @@ from typing import Callable, NamedTuple
 from .. import protocol as P
 from . import introspect, live, rich
 from .cells import CellRunner
-from .common import log, safe_send
+from .common import HostLink, Replies, log, safe_send
 from .reseed import Clock, after_restore, reseed_java
 from .server import Deephaven
 
@@ -57,11 +57,15 @@ INLINE, MAIN, QUESTION, STREAM = "inline", "main", "question", "stream"
 
 
 class Request(NamedTuple):
-    """One request frame and the connection it came on (its replies go back there)."""
+    """One request frame and where its replies go (the host that sent it, on its connection)."""
 
-    conn: P.FrameStream
+    conn: Replies
     header: dict
     payloads: list
+
+    @property
+    def link(self) -> HostLink:
+        return self.conn.link
 
     @property
     def rid(self):
@@ -90,12 +94,12 @@ class Agent:
         self._question_threads = 0
         self._idle_question_threads = 0
         self.main_thread = threading.main_thread().ident
-        self.running: tuple[object, int] | None = None  # (connection, request id) of the running exec
+        self.running: tuple[HostLink, int, object] | None = None  # (link, host, request id) of the running exec
         self.running_lock = threading.Lock()
         self.cells = CellRunner(workdir, dh, namespace, self._running)
-        # (connection, request id) -> (kind, stop event) of each request that streams until stopped:
+        # (link id, host, request id) -> (kind, stop event) of each request that streams until stopped:
         # live views ("watch") and streamed fetches ("fetch"). A cancel sets the event.
-        self.streams: dict[tuple[int, object], tuple[str, threading.Event]] = {}
+        self.streams: dict[tuple[int, int, object], tuple[str, threading.Event]] = {}
         self.started = time.time()
         # op -> (where it runs, handler). A handler returns its done reply's fields (None: a notice,
         # no reply) or raises; "status" in the fields overrides "ok".
@@ -104,6 +108,8 @@ class Agent:
             P.OP_CANCEL: (INLINE, self.cancel),
             P.OP_STATS: (INLINE, self.stats),
             P.OP_RESTORED: (INLINE, self.restored),
+            P.OP_HOLD: (INLINE, self.hold),
+            P.OP_RESUME: (INLINE, self.resume),
             P.OP_CLOCK: (INLINE, self.clock_notice),
             P.OP_COMPLETE: (QUESTION, self.complete),
             P.OP_INSPECT: (QUESTION, self.inspect),
@@ -133,33 +139,36 @@ class Agent:
     def _serial_loop(self, device: str) -> None:
         while True:
             # A read of 0 bytes means the host side is not connected: reopen and wait for the next host.
-            conn = P.FrameStream(P.FdChannel(os.open(device, os.O_RDWR)))
-            self._read_loop(conn)
+            self._read_loop(HostLink(P.FrameStream(P.FdChannel(os.open(device, os.O_RDWR)))))
             time.sleep(0.02)
 
     def _accept_loop(self, listener: socket.socket) -> None:
         while True:
             sock, _ = listener.accept()
-            conn = P.FrameStream(sock)
-            threading.Thread(target=self._read_loop, args=(conn,), name="dhg-conn", daemon=True).start()
+            threading.Thread(target=self._read_loop, args=(HostLink(P.FrameStream(sock)),), name="dhg-conn",
+                             daemon=True).start()
 
-    def _read_loop(self, conn: P.FrameStream) -> None:
+    def _read_loop(self, link: HostLink) -> None:
+        link.reader = threading.current_thread()
         while True:
             try:
-                frame = conn.recv()
+                frame = link.recv()
             except P.ConnectionClosed:
                 break
             except P.ProtocolError as e:
-                safe_send(conn, P.error_event("ProtocolError", str(e)))
+                safe_send(link.replies(), P.error_event("ProtocolError", str(e)))
                 if e.recoverable:
                     continue
                 break
             except OSError:
                 break
-            self._dispatch(Request(conn, frame.header, frame.payloads))
-        self._cancel_if_running(conn, None)
-        self._stop_streams(conn, None)
-        conn.close()
+            if frame.header.get("op") == P.OP_RESTORED:
+                # A new host (this VM was restored from a snapshot): what the old one asked goes unanswered.
+                link.release(new_host=True)
+            self._dispatch(Request(link.replies(), frame.header, frame.payloads))
+        self._cancel_if_running(link, None, None)
+        self._stop_streams(link, None, None)
+        link.close()
 
     # -- dispatch ----------------------------------------------------------------------------
 
@@ -207,20 +216,21 @@ class Agent:
             self._answer(req, handler)
 
     @contextlib.contextmanager
-    def _running(self, conn: P.FrameStream, rid):
-        """While the body runs (a cell's code), a cancel from ``conn`` interrupts the main thread."""
+    def _running(self, conn: Replies, rid):
+        """While the body runs (a cell's code), a cancel from the same host interrupts the main thread."""
         with self.running_lock:
-            self.running = (conn, rid)
+            self.running = (conn.link, conn.host, rid)
         try:
             yield
         finally:
             with self.running_lock:
                 self.running = None
 
-    def _stop_streams(self, conn, target) -> bool:
-        """Stop the streaming requests of ``conn`` (all, or the one whose request id is ``target``)."""
+    def _stop_streams(self, link: HostLink, host: int | None, target) -> bool:
+        """Stop the streaming requests on ``link`` (of one host or all; all, or the one with request id ``target``)."""
         with self.running_lock:
-            stops = [ev for (c, rid), (_, ev) in self.streams.items() if c == id(conn) and target in (None, rid)]
+            stops = [ev for (c, h, rid), (_, ev) in self.streams.items()
+                     if c == id(link) and host in (None, h) and target in (None, rid)]
         for ev in stops:
             ev.set()
         return bool(stops)
@@ -228,7 +238,7 @@ class Agent:
     @contextlib.contextmanager
     def _stoppable(self, req: Request, kind: str, limit: int | None = None):
         """A stop event for a streaming request, set by a cancel of it or the end of its connection."""
-        key, stop = (id(req.conn), req.rid), threading.Event()
+        key, stop = (id(req.link), req.conn.host, req.rid), threading.Event()
         with self.running_lock:
             if limit is not None and sum(k == kind for k, _ in self.streams.values()) >= limit:
                 raise RuntimeError(f"already {limit} live views in this session; stop some first")
@@ -239,9 +249,10 @@ class Agent:
             with self.running_lock:
                 self.streams.pop(key, None)
 
-    def _cancel_if_running(self, conn, target) -> bool:
+    def _cancel_if_running(self, link: HostLink, host: int | None, target) -> bool:
         with self.running_lock:
-            if self.running and self.running[0] is conn and (target is None or self.running[1] == target):
+            running = self.running
+            if running and running[0] is link and host in (None, running[1]) and target in (None, running[2]):
                 signal.pthread_kill(self.main_thread, signal.SIGINT)
                 return True
         return False
@@ -263,8 +274,8 @@ class Agent:
 
     def cancel(self, req: Request) -> dict:
         target = req.header.get("target")
-        stopped = target is not None and self._stop_streams(req.conn, target)
-        return {"cancelled": self._cancel_if_running(req.conn, target) or stopped}
+        stopped = target is not None and self._stop_streams(req.link, req.conn.host, target)
+        return {"cancelled": self._cancel_if_running(req.link, req.conn.host, target) or stopped}
 
     def stats(self, req: Request) -> dict:
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -280,11 +291,26 @@ class Agent:
         return out
 
     def restored(self, req: Request) -> dict:
+        # The requests of the host this VM was saved with (live views of a checkpointed session) end here.
+        with self.running_lock:
+            old = [ev for (c, h, _), (_, ev) in self.streams.items() if c == id(req.link) and h != req.conn.host]
+        for ev in old:
+            ev.set()
         info = after_restore(req.header, req.payloads, self.dh, self.clock)
         # A clone's life starts now (read after the clock was set): the snapshot's warm-up cells
         # and uptime are not its own.
         self.cells.count, self.started = 0, time.time()
         return info
+
+    def hold(self, req: Request) -> None:
+        """Before a checkpoint: answer once nothing is half sent, then send nothing until resume or restored."""
+        req.link.hold({"ev": P.EV_DONE, "re": req.rid, "status": "ok", "tables": self._table_names()})
+        return None
+
+    def resume(self, req: Request) -> dict:
+        """After a checkpoint, in the VM it was taken of: carry on."""
+        req.link.release()
+        return {}
 
     def clock_notice(self, req: Request) -> None:
         """The host's clock (``now_ns``, observed in _dispatch for every request): no reply."""
@@ -301,6 +327,9 @@ class Agent:
 
     def execute(self, req: Request) -> dict:
         return self.cells.run(req.conn, req.header, req.payloads)
+
+    def _table_names(self) -> list[str]:
+        return [n for n, v in list(self.ns.items()) if not n.startswith("_") and self.dh.is_table(v)]
 
     def tables(self, req: Request) -> dict:
         return {"tables": [{"name": n, **self.dh.describe(v)} for n, v in list(self.ns.items())

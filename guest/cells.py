@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager
 
 from .. import protocol as P
 from . import rich
-from .common import ms, safe_send
+from .common import Replies, ms, safe_send
 from .inputs import bind_inputs
 from .live import HIDDEN_PREFIX as LIVE_PREFIX
 
@@ -113,14 +113,14 @@ class CellRunner:
     """
 
     def __init__(self, workdir: Path, dh: "Deephaven", ns: dict,
-                 running: Callable[[P.FrameStream, object], ContextManager]):
+                 running: Callable[[Replies, object], ContextManager]):
         self.workdir = workdir
         self.dh = dh
         self.ns = ns
         self.running = running
         self.count = 0  # cells run (their numbers name their code in tracebacks)
 
-    def run(self, conn: P.FrameStream, header: dict, payloads: list) -> dict:
+    def run(self, conn: Replies, header: dict, payloads: list) -> dict:
         """Run one exec request; returns the fields of its done reply (status, timings, result tables)."""
         rid = header.get("id")
         max_rows = (header.get("options") or {}).get("max_rows", 1000)
@@ -188,7 +188,7 @@ class CellRunner:
         timings["total_ms"] = ms(t0)
         return {"status": status, "timings": timings, "tables": out_tables}
 
-    def _execute(self, conn: P.FrameStream, rid, code: str, filename: str) -> tuple[str, object, str | None]:
+    def _execute(self, conn: Replies, rid, code: str, filename: str) -> tuple[str, object, str | None]:
         """Run the code with its output captured. Returns the status (ok, error, cancelled), the last
         expression's value and its source text (the name a table it gives is shown under)."""
         status, last_value, last_name = "ok", None, None
@@ -227,7 +227,7 @@ class CellRunner:
             self.ns[held] = table
         return {"watch": held}
 
-    def _send_value(self, conn: P.FrameStream, rid, value, name: str | None) -> None:
+    def _send_value(self, conn: Replies, rid, value, name: str | None) -> None:
         """The result event of a last expression's value that is not a table (tables go as tables)."""
         if rich.is_deephaven_figure(value):
             name = name if name and name.isidentifier() else None
