@@ -245,9 +245,10 @@ def _machine(network=False):
 
 
 def _all_calls(version, network):
-    from dhg_kernel.vm.firecracker import cold_boot_calls, restore_calls, snapshot_calls
+    from dhg_kernel.vm.firecracker import checkpoint_calls, cold_boot_calls, restore_calls, resume_calls, snapshot_calls
 
-    return (cold_boot_calls(_machine(network), version) + snapshot_calls(version) + restore_calls(version, network))
+    return (cold_boot_calls(_machine(network), version) + snapshot_calls(version) + restore_calls(version, network)
+            + checkpoint_calls(version) + resume_calls(version))
 
 
 @needs_spec
@@ -846,3 +847,194 @@ def test_real_boot_snapshot_restore_and_a_cell(tmp_path):
         print(f"restore + first cell: {time.monotonic() - t0:.2f}s", file=sys.stderr)
     finally:
         s.stop()
+
+
+# -- checkpoints: a running clone saved, and VMs started from it -----------------------------------
+
+
+@needs_spec
+@pytest.mark.parametrize("version", [(1, 10, 0), (1, 16, 1)], ids=["1.10", "1.16"])
+def test_checkpoint_call_sequence_pauses_writes_a_full_snapshot_of_its_own_and_resumes(api_server, version):
+    from dhg_kernel.vm.firecracker import MEM_NAME, VMSTATE_NAME, checkpoint_calls, restore_calls, resume_calls, send
+
+    srv, api = api_server(version)
+    send(api, restore_calls(version, network=False))  # a clone, running
+    srv.calls.clear()
+    send(api, checkpoint_calls(version) + resume_calls(version))
+    assert [(m, p) for m, p, _ in srv.calls] == [("PATCH", "/vm"), ("PUT", "/snapshot/create"), ("PATCH", "/vm")]
+    pause, create, resume = (b for _, _, b in srv.calls)
+    assert pause == {"state": "Paused"} and resume == {"state": "Resumed"} and srv.state == "Running"
+    assert create["snapshot_type"] == "Full"
+    # A clone's root links vmstate and mem to the snapshot it was restored from: never written through.
+    assert {create["snapshot_path"], create["mem_file_path"]}.isdisjoint({VMSTATE_NAME, MEM_NAME})
+
+
+def _fake_binary(tmp_path: Path, version: str) -> Path:
+    """An executable that answers ``--version`` like Firecracker (enough for the backend's checks)."""
+    exe = tmp_path / f"bin-{version}" / "firecracker"
+    exe.parent.mkdir()
+    exe.write_text(FAKE_FC.format(v=version))
+    exe.chmod(0o755)
+    return exe
+
+
+def _recording_api(version: tuple, faults: dict):
+    """Stands in for the API *client*, not for Firecracker: each body is checked against the official spec
+    exactly as FirecrackerAPI checks it, then recorded; a call in ``faults`` ((method, path, body's
+    state)) gets that fault_message back, as FirecrackerAPI raises it."""
+    from dhg_kernel.vm.fc_api import FirecrackerAPI, FirecrackerAPIError, Spec
+
+    class RecordingAPI:
+        check = FirecrackerAPI.check
+
+        def __init__(self):
+            self.version, self.spec, self.calls = version, Spec.load(SPEC_PATH).for_version(version), []
+
+        def request(self, method, path, body):
+            self.calls.append((method, path, body))
+            fault = faults.get((method, path, (body or {}).get("state")))
+            if fault:
+                raise FirecrackerAPIError(method, path, 400, fault)
+
+        def close(self):
+            pass
+
+    return RecordingAPI()
+
+
+def _clone(layout: Layout, backend, api):
+    """A FirecrackerInstance as restore() leaves it (its run dir, a root linking the base snapshot's files)
+    talking to ``api``; its process has already ended (nothing here needs it)."""
+    from dhg_kernel.instances import new_instance
+    from dhg_kernel.vm.firecracker import FirecrackerInstance, Launcher
+
+    snap = backend.base_snapshot()
+    rec = new_instance(layout, "firecracker")
+    launcher = Launcher(backend.binary())
+    root = launcher.root(rec)
+    launcher.populate(root, {"vmstate": snap.vmstate, "mem": snap.mem, "rootfs.ext4": snap.disks["rootfs"]})
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    inst = FirecrackerInstance(rec, proc, root, snap)
+    inst.api = api
+    return inst
+
+
+@needs_spec
+@pytest.mark.parametrize("resume_refused", [False, True], ids=["resumed", "resume-refused-too"])
+def test_a_checkpoint_firecracker_cannot_write_still_resumes_the_vm_and_says_why(tmp_path, resume_refused):
+    from dhg_kernel.errors import CheckpointError
+    from dhg_kernel.vm.firecracker import CHECKPOINT_MEM_NAME, FirecrackerBackend
+
+    layout = Layout(tmp_path / "home")
+    _fake_snapshot(layout, "1.16.1")
+    backend = FirecrackerBackend(layout, firecracker=str(_fake_binary(tmp_path, "1.16.1")))
+    faults = {("PUT", "/snapshot/create", None): "Create snapshot error: Cannot perform write on the memory backing "
+                                                 "file: No space left on device (os error 28)"}
+    if resume_refused:
+        faults[("PATCH", "/vm", "Resumed")] = "The requested operation is not supported: the microVM is gone."
+    api = _recording_api((1, 16, 1), faults)
+    inst = _clone(layout, backend, api)
+    work = tmp_path / "work"
+    work.mkdir()
+    (inst.root / CHECKPOINT_MEM_NAME).write_bytes(b"half of an earlier save")
+    try:
+        assert backend.can_checkpoint and backend.checkpoint_bytes(inst) == 2048 * 2**20
+        with pytest.raises(CheckpointError) as e:
+            backend.checkpoint(inst, work)
+        assert [(m, p, b.get("state")) for m, p, b in api.calls] == [
+            ("PATCH", "/vm", "Paused"), ("PUT", "/snapshot/create", None), ("PATCH", "/vm", "Resumed")]
+        assert api.calls[1][2]["snapshot_type"] == "Full"
+        msg = str(e.value)
+        assert "could not save the VM (PUT /snapshot/create: Create snapshot error" in msg
+        assert "No space left on device" in msg
+        if resume_refused:
+            assert "did not resume it (PATCH /vm: " in msg and "the microVM is gone" in msg and "restart" in msg
+        else:
+            assert "the VM runs on" in msg
+        assert list(work.iterdir()) == []
+        assert not (inst.root / CHECKPOINT_MEM_NAME).exists()
+        assert os.readlink(inst.root / "mem") == str(layout.firecracker_snapshots() / "mem")
+    finally:
+        inst.stop()
+
+
+def _fake_checkpoint(layout: Layout, name: str, base_dir: Path, backend: str = "firecracker",
+                     base_key: str | None = None) -> Path:
+    """A checkpoint directory as dhg_kernel/checkpoint.py leaves one: the files of a ``backend`` snapshot
+    (stand-ins) and its metadata, grown from the base snapshot in ``base_dir`` (or one keyed ``base_key``)."""
+    from dhg_kernel.config import DH_VERSION
+    from dhg_kernel.vm.base import write_snapshot_metadata
+
+    base = json.loads((base_dir / "metadata.json").read_text())
+    d = layout.checkpoint(name)
+    d.mkdir(parents=True)
+    for f in ("vmstate", "mem") if backend == "firecracker" else ("state", "mem"):
+        (d / f).write_bytes(os.urandom(4096))
+        (d / f).chmod(0o600)
+    meta = {**base, "backend": backend, "dh_version": DH_VERSION,
+            "checkpoint": {"name": name, "created": "2025-01-02T03:04:05+00:00", "tables": ["t"],
+                           "base": {"key": base_key or base.get("key"), "created": base.get("created")}}}
+    write_snapshot_metadata(d, meta)
+    return d
+
+
+def _keyed(base_dir: Path, key: str) -> None:
+    """Give a fake base snapshot the input key prepare gives a real one."""
+    from dhg_kernel.vm.base import write_snapshot_metadata
+
+    meta = json.loads((base_dir / "metadata.json").read_text())
+    write_snapshot_metadata(base_dir, {**meta, "key": key})
+
+
+def test_a_checkpoint_from_another_backend_or_an_older_base_is_refused_with_the_fix(tmp_path):
+    from dhg_kernel.errors import CheckpointError
+    from dhg_kernel.instances import list_instances
+    from dhg_kernel.vm.firecracker import FirecrackerBackend
+
+    layout = Layout(tmp_path / "home")
+    base = _fake_snapshot(layout, "1.16.1")
+    _keyed(base, "prepare-2")
+    _fake_checkpoint(layout, "from-qemu", base, backend="qemu")
+    _fake_checkpoint(layout, "stale", base, base_key="prepare-1")
+    fc = str(_fake_binary(tmp_path, "1.16.1"))
+    backend = FirecrackerBackend(layout, firecracker=fc)
+    fix = r"Dhvm\.backend = 'qemu', or --backend qemu\).*dhvm checkpoint rm from-qemu"
+    with pytest.raises(CheckpointError, match=r"'from-qemu' was made with the qemu backend.*uses firecracker.*" + fix):
+        backend.start("from-qemu")
+    with pytest.raises(CheckpointError, match=fix):  # chosen for every VM (Dhvm.snapshot), checked when chosen
+        backend.snapshot("from-qemu")
+    with pytest.raises(CheckpointError, match=fix):
+        FirecrackerBackend(layout, firecracker=fc, snapshot="from-qemu").start()
+    with pytest.raises(CheckpointError, match=r"'stale' grew from the base snapshot.*`dhvm prepare` has since made a "
+                                              r"new one.*dhvm checkpoint rm stale"):
+        backend.start("stale")
+    assert list_instances(layout) == []
+
+
+@needs_spec
+def test_start_from_a_checkpoint_restores_its_files_as_the_base_is_and_never_writes_them(tmp_path, stand_in):
+    from dhg_kernel.instances import list_instances
+    from dhg_kernel.vm.firecracker import FirecrackerBackend
+
+    layout = Layout(tmp_path / "home")
+    base = _fake_snapshot(layout, "1.16.1")
+    _keyed(base, "prepare-1")
+    ck = _fake_checkpoint(layout, "loaded", base)
+    digest = {d / n: hashlib.sha256((d / n).read_bytes()).hexdigest() for d in (base, ck) for n in ("vmstate", "mem")}
+    backend = FirecrackerBackend(layout, firecracker=str(stand_in("1.16.1")), snapshot="loaded")
+    for start_from, expected in (("loaded", ck), (None, base)):
+        backend.start_from = start_from
+        inst = backend.start()
+        try:
+            for n in ("vmstate", "mem"):
+                assert os.readlink(inst.root / n) == str(expected / n)
+            load = json.loads((inst.root / "calls.json").read_text())[-1][2]
+            assert load["mem_backend"] == {"backend_type": "File", "backend_path": "mem"} and load["resume_vm"]
+            assert inst.restored_info["entropy_bytes"] == 64  # the restore's handshake, as from the base
+            assert inst.describe()["snapshot"] == str(expected)
+            assert backend.describe().get("start_from") == start_from
+        finally:
+            inst.stop()
+    assert list_instances(layout) == []
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in digest} == digest

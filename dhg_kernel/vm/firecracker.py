@@ -17,6 +17,11 @@ per-instance network namespace, ``netns.py``) is optional and off by default.
 
 After a restore the host sends the agent ``restored`` with its clock and fresh entropy, exactly
 as the QEMU backend does (clones start with identical random state).
+
+Checkpoints. A running clone is paused, saved as a Full snapshot into files of its own in its root,
+and resumed; the files become a checkpoint laid out like the base snapshot (``vmstate``, ``mem``,
+metadata.json), restored exactly as the base is. Firecracker resets the guest's vsock connections
+at every snapshot, so the saved VM's open streams end when it resumes (listeners survive).
 """
 
 from __future__ import annotations
@@ -35,9 +40,9 @@ from typing import Callable
 
 from ..client import AgentClient
 from ..config import DH_VERSION, Layout
-from ..errors import AgentStartError, BackendUnavailable
+from ..errors import AgentStartError, BackendUnavailable, CheckpointError
 from ..instances import InstanceRecord, new_instance
-from . import netns, vsock
+from . import checkpoints, netns, vsock
 from .base import (SNAPSHOT_METADATA, Backend, ColdBoot, RestoredInstance, check_snapshot_inputs, file_stamp,
                    new_key, read_snapshot_metadata, require_snapshot_files)
 from .fc_api import (FirecrackerAPI, FirecrackerAPIError, Spec, SpecError, Version, parse_version, spec_beside,
@@ -61,6 +66,10 @@ INITRD_NAME = "initrd.img"
 ROOTFS_NAME = "rootfs.ext4"
 VMSTATE_NAME = "vmstate"
 MEM_NAME = "mem"
+# Where a checkpoint is written inside a running clone's root: not VMSTATE_NAME/MEM_NAME, which there
+# are links to the snapshot the clone was restored from (written through, they would wreck it).
+CHECKPOINT_VMSTATE_NAME = "checkpoint.vmstate"
+CHECKPOINT_MEM_NAME = "checkpoint.mem"
 ROOT_DRIVE_ID = "rootfs"
 IFACE_ID = "eth0"
 SNAPSHOT_FORMAT = 1
@@ -126,11 +135,26 @@ def cold_boot_calls(machine: FcMachine, version: Version) -> list[Call]:
     return calls
 
 
-def snapshot_calls(version: Version) -> list[Call]:
-    """Pause the guest and write a full snapshot (device state + all of guest memory)."""
+def snapshot_calls(version: Version, vmstate: str = VMSTATE_NAME, mem: str = MEM_NAME) -> list[Call]:
+    """Pause the guest and write a full snapshot (device state + all of guest memory) into the root."""
     return [Call("PATCH", "/vm", "Vm", {"state": "Paused"}),
             Call("PUT", "/snapshot/create", "SnapshotCreateParams",
-                 {"snapshot_type": "Full", "snapshot_path": VMSTATE_NAME, "mem_file_path": MEM_NAME})]
+                 {"snapshot_type": "Full", "snapshot_path": vmstate, "mem_file_path": mem})]
+
+
+def checkpoint_calls(version: Version) -> list[Call]:
+    """Pause a running clone and write a full snapshot of it into files of its own (see
+    CHECKPOINT_MEM_NAME); ``resume_calls`` must follow, whatever happened.
+
+    Full, not Diff: a Diff snapshot holds only the pages written since the load, so every restore of the
+    base would have to track dirty pages (``track_dirty_pages``, 1.13+, a slower guest), and the pages
+    would have to be merged onto a copy of the base ``mem`` — which writes as much as a Full snapshot."""
+    return snapshot_calls(version, CHECKPOINT_VMSTATE_NAME, CHECKPOINT_MEM_NAME)
+
+
+def resume_calls(version: Version) -> list[Call]:
+    """Let a paused guest run on (after a checkpoint, written or not: resuming a running one is a no-op)."""
+    return [Call("PATCH", "/vm", "Vm", {"state": "Resumed"})]
 
 
 def restore_calls(version: Version, network: bool) -> list[Call]:
@@ -153,6 +177,11 @@ def send(api: FirecrackerAPI, calls: list[Call]) -> None:
         if c.definition and c.body is not None:
             api.check(c.definition, c.body)
         api.request(c.method, c.path, c.body)
+
+
+def open_api(root: Path, fc: FirecrackerBinary) -> FirecrackerAPI:
+    """A client for the Firecracker process serving ``root``, validating against its release's spec."""
+    return FirecrackerAPI(root / API_SOCK, fc.version, load_spec(fc))
 
 
 def load_spec(fc: FirecrackerBinary) -> Spec | None:
@@ -356,7 +385,9 @@ class FirecrackerBackend(Backend):
     def __init__(self, layout: Layout, dh_version: str = DH_VERSION, firecracker: str | None = None,
                  jailer: str | None = None, jailer_uid: int | None = None, jailer_gid: int | None = None,
                  network: bool = False, netns_parent: str | None = None,
-                 restore_timeout: float = RESTORE_TIMEOUT_S, heap: str | None = None, **_ignored):
+                 restore_timeout: float = RESTORE_TIMEOUT_S, heap: str | None = None, snapshot: str | None = None, **_ignored):
+        self.start_from = snapshot
+        """A checkpoint's name: every VM starts from it instead of the base snapshot (``Dhvm.snapshot``)."""
         self.layout = layout
         self.dh_version = dh_version
         self.firecracker = firecracker
@@ -396,7 +427,25 @@ class FirecrackerBackend(Backend):
         except (OSError, ValueError):
             return {}
 
-    def snapshot(self) -> FcSnapshot:
+    def snapshot(self, checkpoint: str | None = None) -> FcSnapshot:
+        """What a VM starts from: the checkpoint ``checkpoint`` (or ``start_from``) or the base snapshot,
+        checked as the base is (and a checkpoint against the base it grew from)."""
+        base = self.base_snapshot()
+        name = checkpoint or self.start_from
+        if not name:
+            return base
+        ck = checkpoints.load(self.layout, name)
+        checkpoints.check_compatible(ck, self.name, base.meta, self.dh_version)
+        try:
+            snap = FcSnapshot.load_from(ck.dir, self.layout.vm)
+        except BackendUnavailable as e:
+            raise CheckpointError(f"the checkpoint {name!r} is damaged ({e}); remove it: "
+                                  f"dhvm checkpoint rm {name}") from None
+        snap.check_inputs(self.layout.vm)
+        snap.check_version(self.binary().version)
+        return snap
+
+    def base_snapshot(self) -> FcSnapshot:
         """The prepared snapshot, checked against its inputs, this binary's version and the options."""
         snap = FcSnapshot.load_from(self.layout.firecracker_snapshots(self.dh_version), self.layout.vm)
         snap.check_inputs(self.layout.vm)
@@ -424,7 +473,7 @@ class FirecrackerBackend(Backend):
             reason = netns.why_not()
             out.append(Check("network", reason is None, reason or "network namespaces, TAP and nft available"))
         try:
-            snap = self.snapshot()
+            snap = self.base_snapshot()  # a checkpoint to start from is checked when it is chosen, and at start
             out.append(Check("snapshot", True, f"{snap.dir} (Firecracker {snap.meta.get('firecracker_version')}, "
                                                f"created {snap.meta.get('created')})"))
         except BackendUnavailable as e:
@@ -445,16 +494,75 @@ class FirecrackerBackend(Backend):
 
     # -- start -------------------------------------------------------------------------------------
 
-    def start(self) -> FirecrackerInstance:
-        """Restore a fresh VM from the snapshot; returns once the agent has taken the host's clock."""
+    def start(self, checkpoint: str | None = None) -> FirecrackerInstance:
+        """Restore a fresh VM from the snapshot (or a checkpoint, exactly the same way); returns once the
+        agent has taken the host's clock, entropy and key."""
         fc = self.binary()
-        snap = self._snapshot or self.snapshot()
+        if checkpoint or self.start_from:
+            snap = self.snapshot(checkpoint)
+        else:
+            snap = self._snapshot or self.base_snapshot()
         return restore(self.layout, self.launcher(fc), snap, self.network, self.restore_timeout,
                        netns_parent=self.netns_parent)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    can_checkpoint = True
+
+    def checkpoint_bytes(self, instance: FirecrackerInstance) -> int:
+        return instance.snapshot.machine.ram_mb * 2**20  # a Full snapshot writes all of guest memory
+
+    def checkpoint(self, instance: FirecrackerInstance, work: Path) -> dict:
+        """Save the running VM into ``work`` as a snapshot (``vmstate``, ``mem``) and let it run on.
+
+        The VM is paused, Firecracker writes a Full snapshot into the instance root (``checkpoint_calls``)
+        and the VM is resumed, always: a failed save must not stop the session. The files are then
+        renamed into ``work`` (DHG_HOME is one filesystem: no copy). The clone's own ``mem`` maps the
+        base snapshot privately, so the new ``mem`` holds every page of the guest and a restore from it
+        is the base's restore, unchanged.
+
+        Firecracker tells the guest's vsock driver to drop its connections at every snapshot (so clones
+        start clean; listening sockets survive): once resumed, the saved VM's open agent and Deephaven
+        streams are reset, and the caller must connect again."""
+        fc = self.binary()
+        root = instance.root
+        if instance.api is None:
+            instance.api = open_api(root, fc)
+        api = instance.api
+        for name in (CHECKPOINT_VMSTATE_NAME, CHECKPOINT_MEM_NAME):
+            (root / name).unlink(missing_ok=True)  # a failed earlier save's
+        t0 = time.perf_counter()
+        failed: Exception | None = None
+        try:
+            send(api, checkpoint_calls(fc.version))
+        except (FirecrackerAPIError, SpecError) as e:
+            failed = e
+        finally:
+            stuck = _resume(api, fc.version)
+            paused_s = time.perf_counter() - t0
+        try:
+            if failed is None and stuck is None:
+                take_snapshot_files(root, work, {CHECKPOINT_VMSTATE_NAME: VMSTATE_NAME, CHECKPOINT_MEM_NAME: MEM_NAME})
+        except OSError as e:
+            raise CheckpointError(f"the checkpoint's files could not be moved from {root} into {work}: {e}. "
+                                  "DHG_HOME must be one filesystem with room for the VM's memory") from None
+        finally:
+            for name in (CHECKPOINT_VMSTATE_NAME, CHECKPOINT_MEM_NAME):
+                (root / name).unlink(missing_ok=True)  # a partial memory file can be GBs
+        if failed is not None or stuck is not None:
+            raise CheckpointError(_checkpoint_failure(failed, stuck, instance))
+        snap = instance.snapshot
+        return new_snapshot_meta(
+            fc, snap.machine, self.layout.vm, files=snap.meta.get("files"), guest_port=GUEST_DH_PORT,
+            jailer=snap.meta.get("jailer"), dh_version=self.dh_version, agent=snap.meta.get("agent"),
+            sizes=snapshot_sizes(work),
+            timings={"save_s": round(time.perf_counter() - t0, 2), "paused_s": round(paused_s, 2)})
 
     def describe(self) -> dict:
         out: dict = {"backend": self.name, "isolation": "Firecracker microVM (KVM)",
                      "checks": {c.name: ("ok: " if c.ok else "FAILED: ") + str(c) for c in self.checks()}}
+        if self.start_from:
+            out["start_from"] = self.start_from
         if self._fc:
             out.update(self._fc.describe())
         if self._snapshot:
@@ -464,6 +572,34 @@ class FirecrackerBackend(Backend):
         if self.heap_requested and self.heap_requested != out.get("heap"):
             out["note"] = f"heap {self.heap_requested} requested, but the snapshot's JVM has {out.get('heap')}"
         return out
+
+
+def _resume(api: FirecrackerAPI, version: Version) -> Exception | None:
+    """Resume a VM that a checkpoint paused; the error if Firecracker did not (it is reported, not raised,
+    so that it never hides why the save itself failed)."""
+    try:
+        send(api, resume_calls(version))
+    except (FirecrackerAPIError, SpecError) as e:
+        return e
+    return None
+
+
+def _checkpoint_failure(failed: Exception | None, stuck: Exception | None, instance: FirecrackerInstance) -> str:
+    """Why a checkpoint failed, in Firecracker's own words, and what became of the VM."""
+    def said(e: Exception) -> str:
+        if isinstance(e, FirecrackerAPIError):
+            return f"{e.method} {e.path}: {e.fault}"
+        return str(e)
+
+    if failed is not None:
+        msg = f"Firecracker could not save the VM ({said(failed)})"
+        msg += (f", and did not resume it ({said(stuck)})" if stuck is not None else "; the VM runs on. Check the "
+                "free space and permissions under DHG_HOME, then try again")
+    else:
+        msg = f"Firecracker saved the VM but did not resume it ({said(stuck)}); the checkpoint was not kept"
+    if stuck is not None:
+        msg += ". The session's server is stuck paused: restart the kernel to get a fresh one"
+    return f"{msg}\n--- guest console / {FC_LOG} ---\n{instance.log_tail(10)}"
 
 
 def restore(layout: Layout, launcher: Launcher, snap: FcSnapshot, network: bool = False,
@@ -485,7 +621,7 @@ def restore(layout: Layout, launcher: Launcher, snap: FcSnapshot, network: bool 
         launcher.populate(root, {VMSTATE_NAME: snap.vmstate, MEM_NAME: snap.mem, ROOTFS_NAME: snap.disks[ROOT_DRIVE_ID]})
         proc = launcher.spawn(rec, plan)
         inst = FirecrackerInstance(rec, proc, root, snap)
-        inst.api = FirecrackerAPI(root / API_SOCK, launcher.fc.version, load_spec(launcher.fc))
+        inst.api = open_api(root, launcher.fc)
         inst.api.wait_ready(is_alive=inst.alive)
         inst.timings["api_ms"] = _ms(t0)
         send(inst.api, restore_calls(launcher.fc.version, network))
@@ -503,8 +639,11 @@ def restore(layout: Layout, launcher: Launcher, snap: FcSnapshot, network: bool 
             destroy(rec)
         if isinstance(e, (BackendUnavailable, netns.NetworkSetupError)):
             raise
+        fix = (f"If the checkpoint is damaged, remove it: dhvm checkpoint rm {snap.dir.name}"
+               if "checkpoint" in snap.meta else
+               "If the snapshot is stale, run: dhvm prepare --backend firecracker --rebuild")
         raise AgentStartError(f"Firecracker restore from {snap.dir} failed: {e}\n--- guest console / {FC_LOG} ---\n"
-                              f"{tail}\nIf the snapshot is stale, run: dhvm prepare --backend firecracker --rebuild") from None
+                              f"{tail}\n{fix}") from None
     port = inst.forwarder.port
     rec.info.update({"snapshot": str(snap.dir), "firecracker_version": version_str(launcher.fc.version),
                      "deephaven_port": port, "deephaven_url": f"http://127.0.0.1:{port}/ide/",
@@ -561,7 +700,7 @@ class FcColdBoot(ColdBoot):
             files[INITRD_NAME] = vm / self.machine.initrd
         self.launcher.populate(self.root, files)
         self.proc = self.launcher.spawn(self.rec, self.plan)
-        self.api = FirecrackerAPI(self.root / API_SOCK, self.launcher.fc.version, load_spec(self.launcher.fc))
+        self.api = open_api(self.root, self.launcher.fc)
         self.api.wait_ready(is_alive=self.alive)
         send(self.api, cold_boot_calls(self.machine, self.launcher.fc.version))
         self.log("firecracker API calls:\n" + "\n".join(f"  {m} {p} {json.dumps(b)}" for m, p, b in self.api.calls))
@@ -580,20 +719,12 @@ class FcColdBoot(ColdBoot):
         send(self.api, snapshot_calls(self.launcher.fc.version))
         save_s = time.monotonic() - t0
         self._stop_vmm()
+        take_snapshot_files(self.root, work, {VMSTATE_NAME: VMSTATE_NAME, MEM_NAME: MEM_NAME}, shutil.move)
         for name in (VMSTATE_NAME, MEM_NAME):
-            src = self.root / name
-            with open(src, "rb+") as fh:
-                os.fsync(fh.fileno())  # on disk before the snapshot is declared done
-            shutil.move(str(src), work / name)
             os.chmod(work / name, 0o400)  # clones map it privately; nothing may ever write it
-        fc = self.launcher.fc
-        mem, vmstate = work / MEM_NAME, work / VMSTATE_NAME
-        return new_snapshot_meta(
-            fc, self.machine, self.layout.vm, guest_port=GUEST_DH_PORT,
-            jailer=self.restore_jailer,
-            sizes={"mem_bytes": mem.stat().st_size, "mem_allocated_bytes": mem.stat().st_blocks * 512,
-                   "vmstate_bytes": vmstate.stat().st_size},
-            timings={"snapshot_s": round(save_s, 2)})
+        return new_snapshot_meta(self.launcher.fc, self.machine, self.layout.vm, guest_port=GUEST_DH_PORT,
+                                 jailer=self.restore_jailer, sizes=snapshot_sizes(work),
+                                 timings={"snapshot_s": round(save_s, 2)})
 
     def summary(self, meta: dict) -> str:
         return (f"memory {meta['sizes']['mem_allocated_bytes'] / 2**20:.0f} MB used of {self.machine.ram_mb} MB, "
@@ -614,9 +745,29 @@ class FcColdBoot(ColdBoot):
         destroy(self.rec)
 
 
-def new_snapshot_meta(fc: FirecrackerBinary, machine: FcMachine, vm_dir: Path, **extra) -> dict:
-    """The metadata every Firecracker snapshot records (version, machine, input stamps, when)."""
-    files = {machine.rootfs: file_stamp(vm_dir / machine.rootfs)}
+def take_snapshot_files(root: Path, work: Path, names: dict[str, str], move=os.replace) -> None:
+    """Move the files Firecracker wrote in an instance root into ``work`` (``names``: written name ->
+    the snapshot's name), each on disk (fsync) before the snapshot is declared done."""
+    for written, name in names.items():
+        with open(root / written, "rb+") as fh:
+            os.fsync(fh.fileno())
+        move(str(root / written), work / name)
+
+
+def snapshot_sizes(directory: Path) -> dict:
+    """What a snapshot's files take: the memory file's size and its blocks on disk, and the device state."""
+    mem = (directory / MEM_NAME).stat()
+    return {"mem_bytes": mem.st_size, "mem_allocated_bytes": mem.st_blocks * 512,
+            "vmstate_bytes": (directory / VMSTATE_NAME).stat().st_size}
+
+
+def new_snapshot_meta(fc: FirecrackerBinary, machine: FcMachine, vm_dir: Path, files: dict | None = None,
+                      **extra) -> dict:
+    """The metadata every Firecracker snapshot records (version, machine, input stamps, when).
+    ``files``: the input stamps; by default the root disk's now (a checkpoint keeps its base snapshot's,
+    which every restore of it checks)."""
+    if files is None:
+        files = {machine.rootfs: file_stamp(vm_dir / machine.rootfs)}
     return {"backend": "firecracker", "format": SNAPSHOT_FORMAT,
             "firecracker_version": version_str(fc.version), "firecracker": str(fc.path),
             "machine": asdict(machine), "files": files, "agent_vsock_port": AGENT_VSOCK_PORT, "guest_cid": GUEST_CID,
@@ -628,5 +779,5 @@ def _ms(t0: float) -> float:
 
 
 __all__ = ["AGENT_VSOCK_PORT", "Call", "Check", "FcColdBoot", "FcMachine", "FcSnapshot", "FirecrackerBackend",
-           "FirecrackerInstance", "Launcher", "cold_boot_calls", "restore", "restore_calls", "snapshot_calls",
-           "FirecrackerAPIError", "SpecError"]
+           "FirecrackerInstance", "Launcher", "checkpoint_calls", "cold_boot_calls", "restore", "restore_calls",
+           "resume_calls", "snapshot_calls", "FirecrackerAPIError", "SpecError"]
