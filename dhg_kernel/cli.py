@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 from . import files as files_mod
@@ -27,6 +29,18 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-files", action="store_true", help="do not scan the code for files to push")
     p.add_argument("--max-push-mb", type=float, default=DEFAULT_MAX_PUSH_MB, help="push limit in MiB")
     p.add_argument("-v", "--verbose", action="store_true", help="print per-phase timings")
+    _add_snapshot(p)
+
+
+def _add_snapshot(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--snapshot", default=os.environ.get("DHG_SNAPSHOT") or None, metavar="CHECKPOINT",
+                   help="start the server from this checkpoint (dhvm checkpoint list) instead of the base snapshot "
+                        "(default: $DHG_SNAPSHOT)")
+
+
+def _session(args) -> Session:
+    """The session of a command that runs code (its server starts from --snapshot, if given)."""
+    return Session(args.backend, args.config_dir, **({"snapshot": args.snapshot} if args.snapshot else {}))
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -67,7 +81,7 @@ def cmd_exec(args) -> int:
     if code is None:
         return 2
     report, inputs = _to_send(args, code)
-    session = Session(args.backend, args.config_dir)
+    session = _session(args)
     stream = not args.json
     try:
         result = _execute(session, args, code, report, inputs, args.max_rows if args.max_rows > 0 else None, stream)
@@ -94,7 +108,7 @@ def cmd_fetch(args) -> int:
     if code is None:
         return 2
     report, inputs = _to_send(args, code)
-    session = Session(args.backend, args.config_dir)
+    session = _session(args)
     try:
         # The script's tables are not printed: only the one asked for travels, and into the file.
         result = _execute(session, args, code, report, inputs, max_rows=0, stream=True)
@@ -109,6 +123,71 @@ def cmd_fetch(args) -> int:
     finally:
         session.stop()
     print(written)
+    return 0
+
+
+def cmd_checkpoint(args) -> int:
+    """list | info NAME | rm NAME | create NAME --from SCRIPT: the saved sessions under DHG_HOME."""
+    from .vm import checkpoints
+
+    layout = Layout.resolve(args.config_dir)
+    if args.action == "list":
+        rows = [c.describe() for c in checkpoints.list_all(layout)]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        elif not rows:
+            print(f"no checkpoints under {layout.checkpoints} (make one: dhvm checkpoint create NAME --from setup.py, "
+                  f"or %dhvm checkpoint NAME in a notebook)")
+        else:
+            print(f"{'NAME':24s} {'CREATED':26s} {'SIZE':>9s}  {'BACKEND':8s} TABLES")
+            for r in rows:
+                print(f"{r['name']:24s} {r['created'] or '?':26s} {r['size_mb'] / 1024:7.2f}GB  {r['backend']:8s} "
+                      f"{', '.join(r['tables']) or '-'}")
+        return 0
+    if not args.name:
+        print(f"dhvm checkpoint {args.action}: give the checkpoint's NAME", file=sys.stderr)
+        return EXIT_ERROR
+    if args.action == "info":
+        ck = checkpoints.load(layout, args.name)
+        info = ck.describe()
+        if args.json:
+            print(json.dumps({**info, "metadata": ck.meta}, indent=2, default=str))
+        else:
+            print(format_mapping(info))
+        return 0
+    if args.action == "rm":
+        checkpoints.remove(layout, args.name)
+        print(f"removed checkpoint {args.name} (VMs already restored from it run on)")
+        return 0
+    # create: run the script in a fresh server, then save it
+    if not args.from_script:
+        print("dhvm checkpoint create: give the script to run: --from setup.py", file=sys.stderr)
+        return EXIT_ERROR
+    checkpoints.check_name(args.name)
+    if layout.checkpoint(args.name).exists() and not args.overwrite:
+        checkpoints.load(layout, args.name)  # an unreadable one says so; a complete one is refused below
+        raise DhvmError(f"a checkpoint named {args.name!r} already exists; replace it with --overwrite "
+                        f"(or remove it: dhvm checkpoint rm {args.name})")
+    code = sys.stdin.read() if args.from_script == "-" else Path(args.from_script).read_text()
+    args.no_files, args.file, args.input, args.max_push_mb, args.timeout = False, [], [], DEFAULT_MAX_PUSH_MB, 0
+    report, inputs = _to_send(args, code)
+    session = _session(args)
+    try:
+        t0 = time.perf_counter()
+        result = _execute(session, args, code, report, inputs, max_rows=0, stream=True)
+        if not result.ok:
+            print("".join(result.error.traceback).rstrip() or str(result.error) if result.error else result.status,
+                  file=sys.stderr)
+            print(f"dhvm checkpoint create: {args.from_script} failed, so no checkpoint was made", file=sys.stderr)
+            return 1
+        ran_s = time.perf_counter() - t0
+        ck = session.checkpoint(args.name, overwrite=args.overwrite)
+    finally:
+        session.stop()
+    d = ck.describe()
+    print(f"checkpoint {ck.name}: {args.from_script} ran in {ran_s:.1f} s, saved in {d['save_s']} s, "
+          f"{d['size_mb'] / 1024:.2f} GB on disk; tables: {', '.join(ck.tables) or 'none'}\n"
+          f"start from it: dhvm exec --snapshot {ck.name} ..., or %config Dhvm.snapshot = '{ck.name}'")
     return 0
 
 
@@ -222,6 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(p)
     _add_common(p)
     p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("checkpoint", help="saved sessions: list, info NAME, rm NAME, create NAME --from SCRIPT "
+                                          "(run a script in a fresh server and save the result)")
+    p.add_argument("action", choices=["list", "info", "rm", "create"])
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("--from", dest="from_script", metavar="SCRIPT", help="create: the script to run first ('-': stdin)")
+    p.add_argument("--overwrite", action="store_true", help="create: replace a checkpoint of that name")
+    p.add_argument("--json", action="store_true", help="list, info: print JSON")
+    _add_snapshot(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_checkpoint)
 
     p = sub.add_parser("status", help="which backend runs cells and why, the snapshot, live instances")
     p.add_argument("--json", action="store_true")

@@ -57,6 +57,7 @@ class Layout:
         vm/run/<instance>/                                one directory per running instance
         vm/{prepare-state.json, prepare.log, prepare.lock, cold-boot-console.log, accel-probe.json}
         cache/classes-<hash>/                             the agent's Java classes for the local backend
+        checkpoints/<name>/                               saved sessions (mem, state, metadata.json)
     """
 
     home: Path
@@ -135,6 +136,17 @@ class Layout:
     def all_snapshot_dirs(self, dh_version: str = DH_VERSION) -> list[Path]:
         """Every backend's snapshot of ``dh_version`` (what ``dhvm clean`` removes)."""
         return [self.snapshots(dh_version), self.firecracker_snapshots(dh_version)]
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    @property
+    def checkpoints(self) -> Path:
+        """Saved sessions (``dhvm checkpoint``): one directory each, like a snapshot's, plus partial
+        ones being written (``.partial-<name>-<pid>``)."""
+        return self.home / "checkpoints"
+
+    def checkpoint(self, name: str) -> Path:
+        return self.checkpoints / name
 
     # -- prepare's own files -----------------------------------------------------------------------
 

@@ -112,6 +112,10 @@ class TableFileError(DhvmError):
 # -- dhvm prepare -----------------------------------------------------------------------------------
 
 
+class CheckpointError(DhvmError):
+    """A checkpoint could not be saved, found or restored (the message names the fix)."""
+
+
 class PrepareError(DhvmError):
     """A prepare phase failed; the message names the phase, the log and what to do next."""
 

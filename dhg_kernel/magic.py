@@ -30,7 +30,9 @@ from .tables import DTYPE_BACKENDS
 
 # Pixels of an embedded table or figure view (%dhvm ide NAME).
 IDE_FRAME_HEIGHT = 420
-LINE_COMMANDS = ("status", "tables", "stats", "fetch", "show", "live", "ide", "reset", "stop")
+LINE_COMMANDS = ("status", "tables", "stats", "fetch", "show", "live", "ide", "reset", "stop", "checkpoint",
+                 "checkpoints", "restore", "sessions", "fork")
+MAIN_SESSION = "main"
 
 
 @magics_class
@@ -60,36 +62,53 @@ class Dhvm(Magics):
                       "are coalesced.").tag(config=True)
     network = Bool(False, help="Firecracker: give guests outbound network access (the snapshot must have been "
                    "prepared with --network). Off by default: a VM has no network.").tag(config=True)
+    snapshot = Unicode(os.environ.get("DHG_SNAPSHOT", ""), help="A checkpoint (dhvm checkpoint list) that every new "
+                       "server starts from, per-cell and warm-pool VMs too; empty: the base snapshot. "
+                       "Default: $DHG_SNAPSHOT.").tag(config=True)
 
-    @observe("mode", "pool_size")
+    @observe("mode", "pool_size", "snapshot")
     def _mode_changed(self, change) -> None:
-        if self._session is None:
-            return
-        if change["name"] == "mode":
-            self._session.set_mode(change["new"])
-        else:
-            self._session.set_pool_size(change["new"])
+        for session in self._sessions.values():
+            if change["name"] == "mode":
+                session.set_mode(change["new"])
+            elif change["name"] == "snapshot":
+                session.set_snapshot(change["new"] or None)
+            else:
+                session.set_pool_size(change["new"])
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
-        self._session: Session | None = None
+        self._sessions: dict[str, Session] = {}
+        """The notebook's sessions by name: ``main`` (cells without -s) and the named ones (``-s NAME``, forks)."""
+        self._active = MAIN_SESSION
 
     # -- the session ---------------------------------------------------------------------------
 
     @property
+    def _session(self) -> Session | None:
+        """The main session, if made yet."""
+        return self._sessions.get(MAIN_SESSION)
+
+    @property
     def session(self) -> Session:
-        if self._session is None:
-            # Only what the user set: an unset heap must not make status report a mismatch nobody asked for.
-            options = {**({"heap": self.heap} if self.heap else {}), **({"network": True} if self.network else {})}
-            self._session = Session(self.backend, self.config_dir or None, mode=self.mode,
-                                    pool_size=self.pool_size, **options)
-        return self._session
+        """The session the running command or cell is for (``-s NAME``; else ``main``), made on first use."""
+        name = self._active
+        if name not in self._sessions:
+            self._sessions[name] = self._new_session()
+        return self._sessions[name]
+
+    def _new_session(self, **overrides) -> Session:
+        # Only what the user set: an unset heap must not make status report a mismatch nobody asked for.
+        options = {**({"heap": self.heap} if self.heap else {}), **({"network": True} if self.network else {}),
+                   **({"snapshot": self.snapshot} if self.snapshot else {})}
+        return Session(self.backend, self.config_dir or None, mode=self.mode, pool_size=self.pool_size,
+                       **{**options, **overrides})
 
     def close(self) -> None:
-        """Destroy the session's VM."""
-        if self._session is not None:
-            self._session.stop()
-            self._session = None
+        """Destroy every session's VM."""
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            session.stop()
 
     # -- the magic -----------------------------------------------------------------------------
 
@@ -113,9 +132,13 @@ class Dhvm(Magics):
     @argument("--no-live", action="store_true", help="Show ticking tables as a snapshot, not a live view.")
     @argument("--per-cell", action="store_true",
               help="Run this cell in a fresh server that is destroyed afterwards (Dhvm.mode for every cell).")
+    @argument("-s", "--session", default=None, metavar="NAME",
+              help="Run the cell in the named session NAME (made on first use; %%dhvm sessions lists them). "
+                   "On a line command, which session it is for: %%dhvm -s NAME tables.")
     @argument("command", nargs="*",
               help="Line magic only: status | tables | stats | fetch NAME [--to FILE [--force]] | show NAME [-n N] [--head] [--rate R] | "
-                   "live [stop [NAME]] | ide [NAME] | reset | stop, or code to run.")
+                   "live [stop [NAME]] | ide [NAME] | reset | stop | checkpoint NAME [--overwrite] | checkpoints | "
+                   "restore NAME | sessions | fork NEW, or code to run.")
     @line_cell_magic
     def dhvm(self, line: str, cell: str | None = None):
         """Run the cell in a Deephaven server inside a microVM; tables come back as DataFrames.
@@ -124,10 +147,17 @@ class Dhvm(Magics):
         the whole table into a parquet, CSV or Arrow file),
         ``%dhvm show NAME`` (a live view of a table), ``%dhvm live`` (the live views; ``live stop
         [NAME]`` ends them), ``%dhvm ide [NAME]`` (the web UI: the console, or a table or figure),
-        ``%dhvm reset`` (a fresh server), ``%dhvm stop``; anything else is run as code.
+        ``%dhvm reset`` (a fresh server), ``%dhvm stop``; ``%dhvm checkpoint NAME`` (save the session's
+        server, which runs on), ``%dhvm checkpoints``, ``%dhvm restore NAME`` (a server restored from
+        it), ``%dhvm sessions`` (the notebook's sessions), ``%dhvm fork NEW`` (session NEW, started from
+        this one's state); ``-s NAME`` first picks the session; anything else is run as code.
         """
         if cell is None:
             words = line.split()
+            if words[:1] in (["-s"], ["--session"]):
+                if len(words) < 3:
+                    raise UsageError("usage: %dhvm -s SESSION COMMAND (e.g. %dhvm -s b tables)")
+                return self._in_session(words[1], lambda: self.dhvm(line.split(None, 2)[2]))
             if words and words[0] in LINE_COMMANDS:
                 try:
                     words = shlex.split(line)  # a quoted path may hold spaces: --to "my data.parquet"
@@ -137,7 +167,22 @@ class Dhvm(Magics):
             if not line.strip():
                 return self._line_command(["status"])
             return self._run(line, parse_argstring(self.dhvm, ""))
-        return self._run(cell, parse_argstring(self.dhvm, line))
+        args = parse_argstring(self.dhvm, line)
+        if args.session:
+            return self._in_session(args.session, lambda: self._run(cell, args))
+        return self._run(cell, args)
+
+    def _in_session(self, name: str, work):
+        """Run ``work`` with the named session as ``session`` (made on first use)."""
+        from .vm.checkpoints import check_name
+
+        if name != MAIN_SESSION:
+            check_name(name)  # a session name follows the rules of checkpoint names
+        outer, self._active = self._active, name
+        try:
+            return work()
+        finally:
+            self._active = outer
 
     def _line_command(self, words: list[str]):
         """A ``%dhvm`` subcommand. Errors are DhvmErrors, which IPython shows as their message alone."""
@@ -181,10 +226,70 @@ class Dhvm(Magics):
             print("dhvm: the server was discarded; the next cell starts a fresh one.")
             return None
         if cmd == "stop":
-            self.close()
-            print("dhvm: stopped.")
+            session = self._sessions.pop(self._active, None)
+            if session is not None:
+                session.stop()
+            print("dhvm: stopped." if self._active == MAIN_SESSION else f"dhvm: session {self._active} stopped.")
             return None
+        if cmd in ("checkpoint", "checkpoints", "restore", "sessions", "fork"):
+            return self._checkpoint_command(cmd, rest)
         raise UsageError(f"unknown command {cmd!r}; choose one of: {', '.join(LINE_COMMANDS)}")
+
+    def _checkpoint_command(self, cmd: str, rest: list[str]):
+        """checkpoint NAME [--overwrite] | checkpoints | restore NAME | sessions | fork NEW."""
+        import pandas as pd
+
+        from .vm import checkpoints
+
+        here = f" (session {self._active})" if self._active != MAIN_SESSION else ""
+        if cmd == "checkpoint":
+            if len(rest) not in (1, 2) or (len(rest) == 2 and rest[1] != "--overwrite"):
+                raise UsageError("usage: %dhvm checkpoint NAME [--overwrite]")
+            t0 = time.perf_counter()
+            ck = self.session.checkpoint(rest[0], overwrite=len(rest) == 2)
+            d = ck.describe()
+            print(f"dhvm: checkpoint {ck.name} saved{here} in {time.perf_counter() - t0:.1f} s: "
+                  f"{d['size_mb'] / 1024:.2f} GiB on disk, tables: {', '.join(ck.tables) or 'none'}. The session runs on.\n"
+                  f"  Start from it: %dhvm restore {ck.name} (this session), %dhvm fork NEW (a second one), or "
+                  f"%config Dhvm.snapshot = '{ck.name}' (every new server)")
+            return None
+        if cmd == "checkpoints":
+            if rest:
+                raise UsageError("usage: %dhvm checkpoints")
+            rows = [c.describe() for c in checkpoints.list_all(self.session.layout)]
+            cols = ["name", "created", "tables", "size_mb", "backend", "deephaven", "base_snapshot"]
+            return pd.DataFrame([{k: r[k] for k in cols} for r in rows], columns=cols)
+        if cmd == "restore":
+            if len(rest) != 1:
+                raise UsageError("usage: %dhvm restore NAME (a checkpoint: %dhvm checkpoints lists them)")
+            t0 = time.perf_counter()
+            self.session.restore(rest[0])
+            print(f"dhvm: this session{here} now runs a server restored from checkpoint {rest[0]} "
+                  f"(in {time.perf_counter() - t0:.2f} s); its earlier server was discarded.")
+            return None
+        if cmd == "sessions":
+            if rest:
+                raise UsageError("usage: %dhvm sessions")
+            rows = [{"session": name, **s.summary()} for name, s in self._sessions.items()]
+            cols = ["session", "running", "age_s", "heap_used_mb", "vm_rss_mb", "tables", "started_from", "backend", "mode"]
+            return pd.DataFrame([{k: r.get(k) for k in cols} for r in rows], columns=cols)
+        # fork NEW
+        if len(rest) != 1:
+            raise UsageError("usage: %dhvm fork NEW (then run cells in it with %%dhvm -s NEW)")
+        new = rest[0]
+        checkpoints.check_name(new)
+        if new in self._sessions and self._sessions[new].running:
+            raise UsageError(f"a session named {new!r} is already running; stop it first (%dhvm -s {new} stop) "
+                             f"or pick another name")
+        t0 = time.perf_counter()
+        child = self.session.fork()
+        old = self._sessions.pop(new, None)
+        if old is not None:
+            old.stop()
+        self._sessions[new] = child
+        print(f"dhvm: session {new} forked from {self._active} in {time.perf_counter() - t0:.1f} s; both run on. "
+              f"Run cells in it with %%dhvm -s {new}")
+        return None
 
     def _fetch(self, words: list[str]):
         """``%dhvm fetch NAME``: its first max_rows rows as a DataFrame. With ``--to FILE [--force] [--format F]
@@ -227,7 +332,8 @@ class Dhvm(Magics):
 
     def _live_for(self, t: TableResult) -> bool:
         """Show ticking table ``t`` (a cell's result) as a live view, if live views are on."""
-        if not self.live or not t.refreshing or self._session is None or self._session.mode != "per-session":
+        session = self._sessions.get(self._active)
+        if not self.live or not t.refreshing or session is None or session.mode != "per-session":
             return False
         return self._start_live(t, rows=self.live_rows, head=False, rate=self.live_rate)
 

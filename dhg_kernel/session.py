@@ -25,7 +25,8 @@ from . import protocol as P
 from .client import AgentClient
 from .config import (CANCEL_GRACE_S, DEFAULT_BACKEND, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_ROWS, QUESTION_DEADLINE_S,
                      STREAM_CANCEL_GRACE_S, Layout)
-from .errors import AgentDied, AgentRefused, AgentStartError, AgentUnresponsive, AnswerAbandoned, DhvmError, UsageError
+from .errors import (AgentDied, AgentRefused, AgentStartError, AgentUnresponsive, AnswerAbandoned, CheckpointError,
+                     DhvmError, UsageError)
 from .files import CellInput, PushFile
 from .instances import reap_stale
 from .live import DEFAULT_LIVE_RATE, DEFAULT_LIVE_ROWS, LiveFeed, LiveUpdate
@@ -73,6 +74,10 @@ class ReadyAgent:
     """The agent's hello: versions, Deephaven server address, startup time."""
     start_ms: float
     """From asking the backend to the agent's hello (and after-restore reseed)."""
+    started: float = field(default_factory=time.time)
+    """When it started (wall clock)."""
+    checkpoint: str | None = None
+    """The checkpoint it was restored from (None: the base snapshot, or a local process)."""
     pushed: dict[str, _Pushed] = field(default_factory=dict)
     """Files this agent already has (so an unchanged file is not sent twice)."""
 
@@ -81,12 +86,13 @@ class ReadyAgent:
         self.instance.stop()
 
 
-def start_agent(backend: Backend) -> ReadyAgent:
+def start_agent(backend: Backend, checkpoint: str | None = None) -> ReadyAgent:
     """Start (restore) an instance and greet its agent. (Backends that restore snapshots reseed the
-    guest's clock and entropy themselves, before handing the instance over.)"""
+    guest's clock and entropy themselves, before handing the instance over.) ``checkpoint``: restore
+    that one instead of the backend's usual start."""
     t0 = time.perf_counter()
     try:
-        instance = backend.start()
+        instance = backend.start(checkpoint) if checkpoint else backend.start()
     except OSError as e:  # a run dir that cannot be made, a binary that cannot be run
         raise AgentStartError(f"the {backend.name} backend could not start an instance: {e}. "
                               f"Check DHG_HOME's permissions and free space, then run: dhvm status") from None
@@ -96,7 +102,8 @@ def start_agent(backend: Backend) -> ReadyAgent:
     except BaseException:
         instance.stop()
         raise
-    return ReadyAgent(instance, client, hello, (time.perf_counter() - t0) * 1000)
+    return ReadyAgent(instance, client, hello, (time.perf_counter() - t0) * 1000,
+                      checkpoint=checkpoint or getattr(backend, "start_from", None))
 
 
 _live_sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
@@ -227,6 +234,112 @@ class Session:
     def reset(self) -> None:
         """Throw the server away; the next cell gets a fresh one."""
         self.stop(reason="the session was reset")
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> str | None:
+        """The checkpoint every new server of this session starts from (None: the base snapshot)."""
+        return self.backend_options.get("snapshot") or None
+
+    def set_snapshot(self, name: str | None) -> None:
+        """Start every new server (and warm-pool VM) from checkpoint ``name`` (None: the base snapshot).
+        Checked now; the running server is kept until the session is reset."""
+        from .vm import checkpoints
+
+        with self._lock:
+            if name:
+                checkpoints.check_name(name)
+                if not getattr(self.backend, "can_checkpoint", False):
+                    raise CheckpointError(self.backend.no_checkpoints())
+                self.backend.snapshot(name)  # refuses a missing or incompatible checkpoint, saying why
+            self.backend_options["snapshot"] = name or None
+            if self._backend is not None:
+                self._backend.start_from = name or None
+            if self._pool is not None:  # warm VMs of the old snapshot
+                self._pool.close()
+                self._pool = None
+
+    def checkpoint(self, name: str, overwrite: bool = False, temporary: bool = False):
+        """Save the session's server as checkpoint ``name``; it runs on. Returns the Checkpoint."""
+        from . import checkpoint as cp
+
+        with self._lock:
+            if self.mode == "per-cell":
+                raise UsageError("in per-cell mode no server outlives its cell, so there is nothing to checkpoint. "
+                                 "Switch: %config Dhvm.mode = 'per-session', run the cells, then checkpoint")
+            if not getattr(self.backend, "can_checkpoint", False):
+                raise CheckpointError(self.backend.no_checkpoints())
+            if self.live is None:
+                raise CheckpointError("nothing to checkpoint yet: this session has no server. Run the cells that "
+                                      f"load your data, then: %dhvm checkpoint {name}")
+            live = self.live
+            source = {"instance": live.instance.id, "from_checkpoint": live.checkpoint,
+                      "pid": os.getpid()}
+            ck = cp.save(self.backend, live.instance, live.client, name, overwrite, source, temporary)
+            if live.client.dead is not None and live.instance.alive():
+                # Firecracker resets every vsock connection of a VM it snapshots (listeners survive):
+                # the server runs on, on a new connection; live views on the old one are over.
+                self.stop_live(reason="the checkpoint reset the VM's connections")
+                live.client.close()
+                live.client = live.instance.open_client(timeout=30)
+                live.client.hello(timeout=30)
+            return ck
+
+    def restore(self, name: str) -> dict:
+        """Replace the session's server with a fresh VM restored from checkpoint ``name`` (once: a later
+        reset starts from ``snapshot`` again). The old server is kept if the restore fails."""
+        from .vm import checkpoints
+
+        checkpoints.check_name(name)
+        with self._lock:
+            if self.mode == "per-cell":
+                raise UsageError(f"per-cell mode starts every cell fresh: make them start from the checkpoint "
+                                 f"with %config Dhvm.snapshot = '{name}'")
+            if not getattr(self.backend, "can_checkpoint", False):
+                raise CheckpointError(self.backend.no_checkpoints())
+            reap_stale(self.layout)
+            new = start_agent(self.backend, checkpoint=name)
+            if self.live is not None:
+                self.stop_live(reason=f"the session was restored from checkpoint {name}")
+                self.live.close()
+            self.live = new
+            return new.info
+
+    def fork(self) -> "Session":
+        """A new session (same backend and settings) whose server starts from this one's state now."""
+        import secrets
+
+        from .vm import checkpoints
+
+        name = f"fork-{secrets.token_hex(6)}"
+        with self._lock:
+            self.checkpoint(name, temporary=True)
+            try:
+                child = Session(self.backend_name, self.layout.home, mode="per-session",
+                                **{**self.backend_options, "snapshot": self.snapshot})
+                child.live = start_agent(child.backend, checkpoint=name)
+            finally:
+                # A running restore holds the memory file open; the name is no longer needed.
+                checkpoints.remove(self.layout, name)
+        return child
+
+    def summary(self) -> dict:
+        """One line of ``%dhvm sessions``: running, since when, memory, what it started from."""
+        out: dict = {"backend": self.backend_name, "mode": self.mode, "running": self.running,
+                     "snapshot": self.snapshot or "base"}
+        live = self.live
+        if live is not None:
+            out["age_s"] = round(time.time() - live.started, 1)
+            out["started_from"] = live.checkpoint or "base"
+            try:
+                stats = self.stats() if live.client.dead is None else {}
+            except DhvmError:
+                stats = {}
+            out["heap_used_mb"] = _mb(stats.get("heap_used"))
+            out["tables"] = stats.get("tables")
+            out["vm_rss_mb"] = _mb(_process_rss(getattr(live.instance, "proc", None)))
+        return out
 
     @property
     def last_start_ms(self) -> float | None:
@@ -645,7 +758,23 @@ class Session:
             out["web_ide"] = self.deephaven_url()
             out["deephaven_version"] = self.info.get("deephaven_version")
             out["files_pushed"] = len(self.pushed)
+            out["started_from"] = f"checkpoint {self.live.checkpoint}" if self.live.checkpoint else "base snapshot"
         return out
+
+
+def _mb(n) -> float | None:
+    return round(n / 2**20, 1) if isinstance(n, (int, float)) else None
+
+
+def _process_rss(proc) -> int | None:
+    """Resident bytes of a VMM process (its guest's memory in use, on this host)."""
+    try:
+        for line in open(f"/proc/{proc.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (AttributeError, OSError, ValueError):
+        return None
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -168,6 +168,7 @@ class Agent:
             self._dispatch(Request(link.replies(), frame.header, frame.payloads))
         self._cancel_if_running(link, None, None)
         self._stop_streams(link, None, None)
+        link.release()  # senders held by a checkpoint (Firecracker resets connections) fail and end
         link.close()
 
     # -- dispatch ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ LAYERS = [
     ("conversation", {"result", "client", "live"}),
     ("backends", {"vm", "vm.*"}),
     ("image build", {"prepare", "prepare.*"}),
-    ("sessions", {"session"}),
+    ("sessions", {"session", "checkpoint"}),
     ("front ends", {"display", "magic", "kernel", "kernelspec", "cli", "__main__", "__init__"}),
 ]
 

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from ..client import AgentClient
-from ..errors import AgentStartError, BackendUnavailable
+from ..errors import AgentStartError, BackendUnavailable, CheckpointError
 from ..instances import InstanceRecord, destroy
 
 
@@ -129,8 +129,27 @@ class Backend(ABC):
     name: str = "?"
 
     @abstractmethod
-    def start(self) -> Instance:
-        """Start (or restore) an instance whose agent is ready to accept a connection."""
+    def start(self, checkpoint: str | None = None) -> Instance:
+        """Start (or restore) an instance whose agent is ready to accept a connection; ``checkpoint``:
+        restore it from that checkpoint (``dhvm checkpoint``) instead of the usual snapshot."""
+
+    def checkpoint(self, instance: Instance, work: Path) -> dict:
+        """Save the running ``instance`` into the directory ``work`` (memory and device state, laid out
+        like this backend's snapshots) and let it run on; returns the backend's part of the metadata.
+        The caller holds the instance's agent still around the call."""
+        raise CheckpointError(self.no_checkpoints())
+
+    can_checkpoint = False
+    """Whether ``checkpoint`` works (and ``start`` takes a checkpoint)."""
+
+    def checkpoint_bytes(self, instance: Instance) -> int:
+        """The most disk a checkpoint of ``instance`` can take (its RAM)."""
+        return 0
+
+    def no_checkpoints(self) -> str:
+        """Why this backend cannot save or restore checkpoints, and what to use instead."""
+        return (f"the {self.name} backend cannot save or restore checkpoints: only a VM's whole memory can be "
+                f"saved and brought back. Use a microVM backend: %config Dhvm.backend = 'qemu' (or --backend qemu)")
 
     def describe(self) -> dict:
         """Backend facts for ``status`` (accel, snapshot, why it was chosen…)."""

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 from ..config import AGENT_START_TIMEOUT_S, Layout
+from ..errors import CheckpointError
 from ..guest_java import local_classes
 from ..instances import new_instance
 from .base import AgentStartError, Backend, BackendUnavailable, Instance, connect_unix, new_key
@@ -51,8 +52,14 @@ class LocalBackend(Backend):
     name = "local"
 
     # Options meant for VM backends (network, firecracker, …) are ignored: a host process has the host's.
+    def no_checkpoints(self) -> str:
+        return ("the local backend runs Deephaven as a plain process, which cannot be saved and brought back: "
+                "checkpoints need a microVM. Use %config Dhvm.backend = 'qemu' (or --backend qemu; run "
+                "dhvm prepare once first)")
+
     def __init__(self, layout: Layout, python: str | None = None, heap: str = "2g",
-                 start_timeout: float = AGENT_START_TIMEOUT_S, **_ignored):
+                 start_timeout: float = AGENT_START_TIMEOUT_S, snapshot: str | None = None, **_ignored):
+        self.start_from = snapshot  # a checkpoint's name: refused at start (see no_checkpoints)
         self.layout = layout
         self.python = python or sys.executable
         self.heap = heap
@@ -65,7 +72,9 @@ class LocalBackend(Backend):
                 f"deephaven-server is not installed for {self.python}, so the local backend cannot start a "
                 f"Deephaven server. Run: pip install 'dhg_kernel[local]'")
 
-    def start(self) -> LocalInstance:
+    def start(self, checkpoint: str | None = None) -> LocalInstance:
+        if checkpoint or self.start_from:
+            raise CheckpointError(self.no_checkpoints())
         self.check()
         classes = local_classes(self.layout.cache)  # JavaBuildError (a BackendUnavailable) says what to install
         rec = new_instance(self.layout, self.name)

@@ -1,0 +1,56 @@
+"""Saving a running session as a checkpoint: hold the agent still, let the backend save the VM, let it go.
+
+The agent is held (``AgentClient.hold``) so that nothing is half sent in either direction while the
+VM is saved: a VM restored from the checkpoint then starts on a clean stream, where its new host's
+handshake is the first frame. The session that was saved carries on afterwards (``resume``); its
+live views pause for the save and go on.
+
+Where the files go and how they are checked is ``vm/checkpoints``; how a VM is saved is each
+backend's ``checkpoint``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from .client import AgentClient
+from .errors import AgentDied, CheckpointError
+from .vm import Backend, Instance
+from .vm import checkpoints as store
+
+# How long the agent may take to reach its quiet point (it finishes the frame it is sending).
+HOLD_TIMEOUT_S = 30.0
+
+
+def save(backend: Backend, instance: Instance, client: AgentClient, name: str, overwrite: bool = False,
+         source: dict | None = None, temporary: bool = False) -> store.Checkpoint:
+    """Save the running ``instance`` as checkpoint ``name``; it runs on afterwards.
+
+    ``source``: what the checkpoint was made from (shown by ``checkpoint info``); ``temporary``: a
+    fork's checkpoint, removed once the fork has started (and, if its maker dies first, by the next
+    listing)."""
+    store.check_name(name)
+    if not getattr(backend, "can_checkpoint", False):
+        raise CheckpointError(backend.no_checkpoints())
+    if client.dead is not None:
+        raise CheckpointError(f"the session's server is gone ({client.dead}); nothing to checkpoint. "
+                              f"Run a cell (it starts a fresh server), then checkpoint again")
+    base = backend.base_snapshot()
+    t0 = time.perf_counter()
+    with store.writing(backend.layout, name, overwrite, backend.checkpoint_bytes(instance)) as work:
+        held = client.hold(HOLD_TIMEOUT_S)
+        try:
+            meta = backend.checkpoint(instance, work)
+        finally:
+            try:
+                client.resume(HOLD_TIMEOUT_S)
+            except AgentDied:
+                pass  # the session finds out at its next cell, and says so
+        info = {"name": name, "tables": held.get("tables", []), "source": source or {},
+                "base": {"key": base.meta.get("key"), "created": base.meta.get("created"), "dir": str(base.dir)},
+                "save_s": round(time.perf_counter() - t0, 2)}
+        if temporary:
+            info["temporary_for_pid"] = os.getpid()
+        store.finish(work, meta, info)
+    return store.load(backend.layout, name)

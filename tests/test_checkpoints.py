@@ -1,0 +1,288 @@
+"""Checkpoints, restores, forks and named sessions, on real QEMU microVMs (TCG here).
+
+One session loads a CSV and computes (the module's ``loaded`` checkpoint); the tests restore it in new
+sessions, per-cell VMs, a second session of the same notebook (fork) and a new kernel, and check that
+the tables and variables are there with equal values, that the clock is now, and that two restores
+draw different random numbers. Refusals and a kill -9 in the middle of a save are tried for real.
+
+Checkpoints go into a DHG_HOME of the module's own whose ``vm`` is the prepared test home's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from dhg_kernel.config import Layout
+from dhg_kernel.errors import CheckpointError, UsageError
+from dhg_kernel.files import scan
+from dhg_kernel.instances import list_instances
+from dhg_kernel.vm import checkpoints
+
+ROOT = Path(__file__).resolve().parent.parent
+
+LOAD = textwrap.dedent("""\
+    from deephaven import read_csv, agg
+    trades = read_csv("trades.csv")
+    by_sym = trades.agg_by([agg.avg("apx = px"), agg.sum_("q = qty")], by=["sym"]).sort(["sym"])
+    import random
+    drawn = random.random()
+    helper = lambda x: x * 3
+    """)
+# What the tests read back from a session: the table's values, the variables, and fresh draws.
+PROBE = textwrap.dedent("""\
+    import json, random, time
+    from deephaven.pandas import to_pandas
+    df = to_pandas(by_sym)
+    print(json.dumps({"rows": trades.size, "q": [int(v) for v in df["q"]], "apx": [float(v) for v in df["apx"]],
+                      "drawn": drawn, "helper": helper(7), "now": time.time(), "fresh": random.random()}))
+    """)
+
+
+def _probe(session) -> dict:
+    r = session.execute(PROBE)
+    assert r.ok, r.error
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# -- no VM needed -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "-x", "a/b", "a b", "x" * 64, "../up"])
+def test_a_checkpoint_name_must_be_a_plain_file_name(name):
+    with pytest.raises(UsageError, match="is not a checkpoint name"):
+        checkpoints.check_name(name)
+
+
+def test_the_local_backend_refuses_checkpoints_and_says_which_backend_can(session):
+    with pytest.raises(CheckpointError, match=r"local backend.*cannot be saved.*Dhvm.backend = 'qemu'"):
+        session.checkpoint("x")
+    with pytest.raises(CheckpointError, match="plain process"):
+        session.restore("x")
+
+
+def test_a_partial_checkpoint_is_never_listed_and_goes_once_its_writer_is_dead(tmp_path):
+    layout = Layout(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    partial = layout.checkpoints / f"{checkpoints.PARTIAL}half-{dead}"
+    partial.mkdir(parents=True)
+    (partial / "metadata.json").write_text(json.dumps({"backend": "qemu", "checkpoint": {"name": "half"}}))
+    mine = layout.checkpoints / f"{checkpoints.PARTIAL}busy-{os.getpid()}"
+    mine.mkdir()
+    assert checkpoints.list_all(layout) == []
+    assert not partial.exists(), "the partial checkpoint of a dead writer was left behind"
+    assert mine.exists(), "a live writer's partial checkpoint was removed under it"
+    with pytest.raises(CheckpointError, match="no checkpoint named 'half'.*there are none"):
+        checkpoints.load(layout, "half")
+
+
+def test_a_save_that_cannot_fit_is_refused_saying_how_much_it_needs(tmp_path):
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(CheckpointError, match=r"not enough disk space.*needs up to .* GiB.*GiB is free.*dhvm checkpoint rm"):
+        checkpoints.check_space(tmp_path, free)
+    checkpoints.check_space(tmp_path, 2**20)  # a small one fits
+
+
+# -- real VMs ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ck_home(qemu_home, tmp_path_factory) -> Path:
+    """A DHG_HOME of this module's own, sharing the prepared image and snapshot of the test home."""
+    home = tmp_path_factory.mktemp("ck-home")
+    (home / "vm").symlink_to(Path(qemu_home) / "vm")
+    return home
+
+
+@pytest.fixture(scope="module")
+def loaded(ck_home, tmp_path_factory):
+    """The checkpoint ``loaded`` of a session that read a CSV and computed, and what that session saw."""
+    from dhg_kernel.session import Session
+
+    work = tmp_path_factory.mktemp("ck-work")
+    lines = ["sym,px,qty"] + [f"S{i % 37},{(i * 7919) % 1000 / 10},{i % 97 + 1}" for i in range(20000)]
+    (work / "trades.csv").write_text("\n".join(lines) + "\n")
+    old = os.getcwd()
+    os.chdir(work)
+    s = Session(backend="qemu", config_dir=ck_home)
+    try:
+        r = s.execute(LOAD, scan(LOAD, work).files)
+        assert r.ok, r.error
+        before = _probe(s)
+        ck = s.checkpoint("loaded")
+        after = _probe(s)  # the saved session runs on
+    finally:
+        s.stop()
+        os.chdir(old)
+    return {"before": before, "after": after, "checkpoint": ck}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_holds_the_tables_and_its_session_runs_on(loaded, ck_home):
+    ck, before, after = loaded["checkpoint"], loaded["before"], loaded["after"]
+    assert set(ck.tables) >= {"trades", "by_sym"}
+    assert after["q"] == before["q"] and after["drawn"] == before["drawn"]
+    d = ck.describe()
+    assert d["backend"] == "qemu" and d["size_mb"] > 100 and d["deephaven"]
+    files = sorted(p.name for p in (Path(ck_home) / "checkpoints" / "loaded").iterdir())
+    assert files == ["mem", "metadata.json", "state"]
+    for p in (Path(ck_home) / "checkpoints" / "loaded").iterdir():
+        assert p.stat().st_mode & 0o077 == 0, f"{p} is readable by others"
+    assert (Path(ck_home) / "checkpoints").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.slow
+def test_two_restores_have_the_same_tables_and_values_the_clock_now_and_different_random_numbers(loaded, ck_home):
+    from dhg_kernel.session import Session
+
+    before = loaded["before"]
+    got = []
+    for _ in range(2):
+        s = Session(backend="qemu", config_dir=ck_home, snapshot="loaded")
+        try:
+            got.append(_probe(s))
+            assert s.live.checkpoint == "loaded"
+        finally:
+            s.stop()
+    for g in got:
+        assert (g["rows"], g["q"], g["apx"], g["drawn"], g["helper"]) == \
+               (before["rows"], before["q"], before["apx"], before["drawn"], 21)
+        assert abs(g["now"] - time.time()) < 30, "the restored VM's clock was not set to now"
+    assert got[0]["fresh"] != got[1]["fresh"], "two restores of one checkpoint drew the same random number"
+    assert before["fresh"] not in (got[0]["fresh"], got[1]["fresh"])
+
+
+@pytest.mark.slow
+def test_per_cell_mode_starts_every_cell_from_the_checkpoint(loaded, ck_home):
+    from dhg_kernel.session import Session
+
+    s = Session(backend="qemu", config_dir=ck_home, mode="per-cell", pool_size=1, snapshot="loaded")
+    try:
+        first = s.execute("drawn = -1.0\nprint(by_sym.size, drawn)")
+        second = s.execute("print(by_sym.size, drawn)")
+    finally:
+        s.stop()
+    assert first.ok and second.ok, (first.error, second.error)
+    assert first.stdout.split()[1] == "-1.0"
+    assert float(second.stdout.split()[1]) == loaded["before"]["drawn"], "per-cell VMs did not start from the checkpoint"
+
+
+@pytest.mark.slow
+def test_restore_replaces_the_session_server_and_a_fork_is_independent(loaded, ck_home):
+    from dhg_kernel.session import Session
+
+    s = Session(backend="qemu", config_dir=ck_home)
+    try:
+        assert s.execute("x = 1").ok
+        s.restore("loaded")
+        assert _probe(s)["q"] == loaded["before"]["q"]
+        assert not s.execute("print(x)").ok, "the server before the restore was kept"
+        assert s.execute("marker = 'main'").ok
+        t0 = time.perf_counter()
+        child = s.fork()
+        fork_s = time.perf_counter() - t0
+        try:
+            assert child.execute("marker = 'fork'\nby_sym = by_sym.where('sym = `S1`')\ndrawn = 0.0").ok
+            mine, theirs = s.execute("print(marker, by_sym.size, drawn)"), child.execute("print(marker, by_sym.size, drawn)")
+            assert mine.stdout.split() == ["main", str(len(loaded["before"]["q"])), str(loaded["before"]["drawn"])]
+            assert theirs.stdout.split() == ["fork", "1", "0.0"]
+            assert child.live.checkpoint and child.live.checkpoint.startswith("fork-")
+        finally:
+            child.stop()
+        print(f"fork took {fork_s:.2f}s")
+        # A fork's checkpoint is gone once the fork runs.
+        assert [c.name for c in checkpoints.list_all(Layout(ck_home))] == ["loaded"]
+    finally:
+        s.stop()
+
+
+@pytest.mark.slow
+def test_refusals_name_the_fix(loaded, ck_home):
+    from dhg_kernel.session import Session
+
+    layout = Layout(ck_home)
+    s = Session(backend="qemu", config_dir=ck_home)
+    try:
+        with pytest.raises(CheckpointError, match="nothing to checkpoint yet.*Run the cells"):
+            s.checkpoint("early")
+        assert s.execute("y = 2").ok
+        with pytest.raises(CheckpointError, match="already exists.*--overwrite"):
+            s.checkpoint("loaded")
+        with pytest.raises(CheckpointError, match="no checkpoint named 'nope'.*there are: loaded"):
+            s.restore("nope")
+        assert s.execute("print(y)").stdout.strip() == "2", "a failed restore lost the session"
+        per_cell = Session(backend="qemu", config_dir=ck_home, mode="per-cell")
+        with pytest.raises(UsageError, match="per-cell"):
+            per_cell.checkpoint("pc")
+    finally:
+        s.stop()
+    # A checkpoint from another Deephaven version, or another base snapshot.
+    src = layout.checkpoint("loaded")
+    for field, value, match in (("dh_version", "0.1", r"holds Deephaven 0.1.*--dh-version 0.1"),
+                                ("base_key", "other", r"grew from the base snapshot.*dhvm checkpoint rm")):
+        copy = layout.checkpoint("altered")
+        copy.mkdir(mode=0o700)
+        try:
+            meta = json.loads((src / "metadata.json").read_text())
+            if field == "dh_version":
+                meta["dh_version"] = value
+            else:
+                meta["checkpoint"]["base"]["key"] = value
+            (copy / "metadata.json").write_text(json.dumps(meta))
+            for f in ("mem", "state"):
+                os.link(src / f, copy / f)
+            with pytest.raises(CheckpointError, match=match):
+                Session(backend="qemu", config_dir=ck_home, snapshot="altered").start()
+        finally:
+            checkpoints.remove(layout, "altered")
+    assert not list_instances(layout), "a refused restore left an instance behind"
+
+
+@pytest.mark.slow
+def test_kill_9_in_the_middle_of_a_save_leaves_no_checkpoint_and_nothing_running(loaded, ck_home):
+    layout = Layout(ck_home)
+    script = textwrap.dedent(f"""\
+        import sys
+        from dhg_kernel.session import Session
+        s = Session(backend="qemu", config_dir={str(ck_home)!r})
+        assert s.execute("from deephaven import empty_table\\nt = empty_table(2_000_000).update(['X = i * 3.5'])").ok
+        print("ready", flush=True)
+        s.checkpoint("killed")
+        print("saved", flush=True)
+        """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            saving = [r for r in list_instances(layout) if r.backend == "qemu-checkpoint"]
+            partial = list(layout.checkpoints.glob(f"{checkpoints.PARTIAL}killed-*"))
+            if saving and partial and (partial[0] / "mem").exists():
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail("the save never started")
+        time.sleep(0.3)  # into the memory copy
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 15
+    while list_instances(layout) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not list_instances(layout), "VMs of the killed process were left running"
+    assert "killed" not in [c.name for c in checkpoints.list_all(layout)]
+    assert not layout.checkpoint("killed").exists()
+    assert not list(layout.checkpoints.glob(f"{checkpoints.PARTIAL}killed-*")), "the partial save was left behind"
