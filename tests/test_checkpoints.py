@@ -286,3 +286,108 @@ def test_kill_9_in_the_middle_of_a_save_leaves_no_checkpoint_and_nothing_running
     assert "killed" not in [c.name for c in checkpoints.list_all(layout)]
     assert not layout.checkpoint("killed").exists()
     assert not list(layout.checkpoints.glob(f"{checkpoints.PARTIAL}killed-*")), "the partial save was left behind"
+
+
+@pytest.mark.slow
+def test_a_live_view_pauses_for_the_save_and_goes_on_and_a_restore_has_none_of_them(ck_home):
+    """The agent is held still for the save: the view's updates stop, then carry on; the restored
+    copy ends the saved host's views (they were the old host's) and answers its new host cleanly."""
+    from dhg_kernel.session import Session
+
+    s = Session(backend="qemu", config_dir=ck_home)
+    updates: list = []
+    try:
+        assert s.execute("from deephaven import time_table\nticks = time_table('PT0.2S').update('X = i')").ok
+        s.watch("ticks", lambda u: updates.append(u.table.rows), rows=3, rate=5)
+        deadline = time.monotonic() + 30
+        while len(updates) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        s.checkpoint("ticking")
+        seen = len(updates)
+        time.sleep(3)
+        assert len(updates) > seen, "the live view did not go on after the checkpoint"
+        assert updates == sorted(updates)
+        assert s.stats()["live_views"] == 1
+    finally:
+        s.stop()
+    r = Session(backend="qemu", config_dir=ck_home, snapshot="ticking")
+    try:
+        deadline = time.monotonic() + 10  # the old host's views end at their next look at their stop event
+        while r.stats()["live_views"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert r.stats()["live_views"] == 0
+        out = r.execute("print(ticks.size > 0)")
+        assert out.ok and out.stdout.strip() == "True"
+    finally:
+        r.stop()
+        checkpoints.remove(Layout(ck_home), "ticking")
+
+
+@pytest.mark.slow
+def test_a_kernel_forks_runs_named_sessions_and_starts_from_dhg_snapshot(loaded, ck_home, jupyter_path, tmp_path):
+    """A plain python3 kernel with DHG_SNAPSHOT=loaded: its first %%dhvm cell has the checkpoint's
+    tables; %dhvm fork b and %%dhvm -s b change b only; %dhvm sessions lists both; shutdown stops both."""
+    from jupyter_client.manager import start_new_kernel
+
+    layout = Layout(ck_home)
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path),
+                              env={**os.environ, "DHG_HOME": str(ck_home), "DHG_BACKEND": "qemu",
+                                   "DHG_SNAPSHOT": "loaded"})
+
+    def run(code: str) -> str:
+        outs: list = []
+        reply = kc.execute_interactive(code, timeout=300, output_hook=outs.append)
+        text = "".join(m["content"].get("text", "") for m in outs if m["msg_type"] == "stream")
+        data = "".join(m["content"].get("data", {}).get("text/plain", "") for m in outs
+                       if m["msg_type"] in ("execute_result", "display_data"))
+        assert reply["content"]["status"] == "ok", (reply["content"], text)
+        return text + data
+
+    try:
+        run("%load_ext dhg_kernel")
+        assert run("%%dhvm\nprint(by_sym.size, drawn)").split()[:2] == [str(len(loaded["before"]["q"])),
+                                                                     str(loaded["before"]["drawn"])]
+        assert "forked from main" in run("%dhvm fork b")
+        run("%%dhvm -s b\ndrawn = 0.5\nonly_b = by_sym.head(2)")
+        assert run("%%dhvm -s b\nprint(drawn, only_b.size)").split()[:2] == ["0.5", "2"]
+        assert run("%%dhvm\nprint(drawn, 'only_b' in globals())").split()[:2] == [str(loaded["before"]["drawn"]), "False"]
+        run("%%dhvm -s b -o local_b=only_b\nx = 1")
+        assert run("print(len(local_b))").strip() == "2"
+        listing = run("%dhvm sessions")
+        assert "main" in listing and "b" in listing and "True" in listing
+        vms = [r for r in list_instances(layout) if r.owner_pid == km.provisioner.pid]
+        assert len(vms) == 2, vms
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    deadline = time.monotonic() + 15
+    while [r for r in list_instances(layout) if r.backend == "qemu"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [r for r in list_instances(layout) if r.backend == "qemu"], "the kernel's sessions outlived it"
+
+
+@pytest.mark.slow
+def test_the_cli_bakes_a_template_and_runs_from_it(ck_home, tmp_path):
+    """dhvm checkpoint create NAME --from setup.py, list, info, exec --snapshot, rm."""
+    setup = tmp_path / "setup.py"
+    setup.write_text("from deephaven import empty_table\nprices = empty_table(5).update(['P = i * 2'])\n"
+                     "def double(x):\n    return 2 * x\n")
+    env = {**os.environ, "DHG_HOME": str(ck_home)}
+    dhvm = [sys.executable, "-m", "dhg_kernel"]
+
+    def cli(*args, ok=True):
+        p = subprocess.run(dhvm + list(args), capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert (p.returncode == 0) == ok, (p.stdout, p.stderr)
+        return p.stdout + p.stderr
+
+    out = cli("checkpoint", "create", "tmpl", "--from", str(setup), "--backend", "qemu")
+    assert "checkpoint tmpl" in out and "prices" in out
+    assert "tmpl" in cli("checkpoint", "list")
+    info = json.loads(cli("checkpoint", "info", "tmpl", "--json"))
+    assert info["tables"] == ["prices"] and info["metadata"]["checkpoint"]["base"]["key"]
+    assert "already exists" in cli("checkpoint", "create", "tmpl", "--from", str(setup), "--backend", "qemu", ok=False)
+    out = cli("exec", "--backend", "qemu", "--snapshot", "tmpl", "-c", "print(double(21), prices.size)")
+    assert "42 5" in out
+    assert "local backend" in cli("exec", "--backend", "local", "--snapshot", "tmpl", "-c", "1", ok=False)
+    cli("checkpoint", "rm", "tmpl")
+    assert "no checkpoint named 'tmpl'" in cli("exec", "--backend", "qemu", "--snapshot", "tmpl", "-c", "1", ok=False)
