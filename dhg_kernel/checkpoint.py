@@ -40,13 +40,21 @@ def save(backend: Backend, instance: Instance, client: AgentClient, name: str, o
     t0 = time.perf_counter()
     with store.writing(backend.layout, name, overwrite, backend.checkpoint_bytes(instance)) as work:
         held = client.hold(HOLD_TIMEOUT_S)
+        released = []
+
+        def release() -> None:
+            if not released:
+                released.append(True)
+                try:
+                    client.resume(HOLD_TIMEOUT_S)
+                except AgentDied:
+                    pass  # the session finds out at its next cell, and says so
+
         try:
-            meta = backend.checkpoint(instance, work)
+            # The backend releases the agent as soon as the VM runs again (before it writes the files).
+            meta = backend.checkpoint(instance, work, release)
         finally:
-            try:
-                client.resume(HOLD_TIMEOUT_S)
-            except AgentDied:
-                pass  # the session finds out at its next cell, and says so
+            release()
         info = {"name": name, "tables": held.get("tables", []), "source": source or {},
                 "base": {"key": base.meta.get("key"), "created": base.meta.get("created"), "dir": str(base.dir)},
                 "save_s": round(time.perf_counter() - t0, 2)}

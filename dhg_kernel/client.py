@@ -56,6 +56,9 @@ class AgentClient:
         self._closed = threading.Event()
         self._clock_lock = threading.Lock()
         self._clock_held = False
+        self._open = threading.Event()
+        """Clear while a checkpoint holds the agent: no request may be half sent when the VM is saved."""
+        self._open.set()
         self._reader = threading.Thread(target=self._read_loop, name="dhg-client-reader", daemon=True)
         self._reader.start()
         if clock_notices:
@@ -136,6 +139,7 @@ class AgentClient:
         names the tables the session holds."""
         with self._clock_lock:
             self._clock_held = True
+        self._open.clear()  # before the hold goes: a request sent after it could be half read when saved
         try:
             done = self.request({"op": P.OP_HOLD}, timeout=timeout, abandon=True)
         except BaseException:
@@ -148,8 +152,14 @@ class AgentClient:
         try:
             self.request({"op": P.OP_RESUME}, timeout=timeout)
         finally:
+            self._open.set()
             with self._clock_lock:
                 self._clock_held = False
+
+    @property
+    def held(self) -> bool:
+        """True while a checkpoint holds the agent."""
+        return not self._open.is_set()
 
     # -- outgoing ----------------------------------------------------------------------------------
 
@@ -163,6 +173,8 @@ class AgentClient:
             return self._next_id
 
     def _send(self, header: dict, payloads: Sequence = ()) -> None:
+        if header.get("op") not in (P.OP_HOLD, P.OP_RESUME, P.OP_CANCEL):
+            self._open.wait()  # a checkpoint is being saved: what comes next goes after it
         try:
             # The host's clock travels with every request (see the agent's Clock).
             self.stream.send({**header, "now_ns": time.time_ns()}, payloads)
@@ -203,6 +215,9 @@ class AgentClient:
         """
         if self.dead is not None:
             raise AgentDied(self.dead, self.death)
+        if abandon and self.held and header.get("op") not in (P.OP_HOLD, P.OP_RESUME):
+            # A question (Tab, Shift-Tab) while a checkpoint is saved: no answer rather than a wait.
+            raise AnswerAbandoned("the agent is held for a checkpoint; the question was not asked")
         rid = rid or self.new_id()
         frames: queue.Queue = queue.Queue()
         with self._lock:

@@ -94,6 +94,43 @@ def test_a_save_that_cannot_fit_is_refused_saying_how_much_it_needs(tmp_path):
     checkpoints.check_space(tmp_path, 2**20)  # a small one fits
 
 
+def test_while_the_agent_is_held_nothing_goes_either_way_and_questions_get_no_answer_at_once(session):
+    """The checkpoint's quiet point, on a local agent (the protocol is the same in a VM): while held,
+    the agent sends no live update and the host sends no question (Tab gets an empty answer at once);
+    a cell waits for the release, then runs."""
+    import threading
+
+    assert session.execute("from deephaven import time_table\nheld_ticks = time_table('PT0.1S')\nheld_x = 1").ok
+    updates: list = []
+    feed = session.watch("held_ticks", lambda u: updates.append(u), rows=2, rate=10)
+    try:
+        deadline = time.monotonic() + 20
+        while len(updates) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client = session.client
+        assert client.hold(10)["tables"]
+        n = len(updates)
+        t0 = time.perf_counter()
+        assert session.complete("held_", 5)["matches"] == []
+        assert time.perf_counter() - t0 < 1.0
+        done: list = []
+        cell = threading.Thread(target=lambda: done.append(session.execute("print(held_x + 1)")))
+        cell.start()
+        time.sleep(1.5)
+        assert len(updates) == n, "a live update went out while the agent was held"
+        assert not done, "a cell ran while the agent was held"
+        client.resume(10)
+        cell.join(30)
+        assert done and done[0].stdout.strip() == "2"
+        assert "held_x" in session.complete("held_", 5)["matches"]
+        deadline = time.monotonic() + 10
+        while len(updates) == n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(updates) > n, "the live view did not go on after the release"
+    finally:
+        feed.stop("test over")
+
+
 # -- real VMs ---------------------------------------------------------------------------------------
 
 

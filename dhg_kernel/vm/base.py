@@ -10,6 +10,7 @@ import subprocess
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Callable
 
 from ..client import AgentClient
 from ..errors import AgentStartError, BackendUnavailable, CheckpointError
@@ -133,10 +134,11 @@ class Backend(ABC):
         """Start (or restore) an instance whose agent is ready to accept a connection; ``checkpoint``:
         restore it from that checkpoint (``dhvm checkpoint``) instead of the usual snapshot."""
 
-    def checkpoint(self, instance: Instance, work: Path) -> dict:
+    def checkpoint(self, instance: Instance, work: Path, resumed: Callable[[], None] = lambda: None) -> dict:
         """Save the running ``instance`` into the directory ``work`` (memory and device state, laid out
         like this backend's snapshots) and let it run on; returns the backend's part of the metadata.
-        The caller holds the instance's agent still around the call."""
+        The caller holds the instance's agent still around the call; ``resumed`` is called once the VM
+        runs again (the agent may then be released, while the files are still being written)."""
         raise CheckpointError(self.no_checkpoints())
 
     can_checkpoint = False

@@ -512,7 +512,7 @@ class FirecrackerBackend(Backend):
     def checkpoint_bytes(self, instance: FirecrackerInstance) -> int:
         return instance.snapshot.machine.ram_mb * 2**20  # a Full snapshot writes all of guest memory
 
-    def checkpoint(self, instance: FirecrackerInstance, work: Path) -> dict:
+    def checkpoint(self, instance: FirecrackerInstance, work: Path, resumed: Callable[[], None] = lambda: None) -> dict:
         """Save the running VM into ``work`` as a snapshot (``vmstate``, ``mem``) and let it run on.
 
         The VM is paused, Firecracker writes a Full snapshot into the instance root (``checkpoint_calls``)
@@ -540,6 +540,8 @@ class FirecrackerBackend(Backend):
         finally:
             stuck = _resume(api, fc.version)
             paused_s = time.perf_counter() - t0
+        if stuck is None:
+            resumed()
         try:
             if failed is None and stuck is None:
                 take_snapshot_files(root, work, {CHECKPOINT_VMSTATE_NAME: VMSTATE_NAME, CHECKPOINT_MEM_NAME: MEM_NAME})

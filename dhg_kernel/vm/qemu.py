@@ -321,7 +321,7 @@ class QemuBackend(Backend):
     def checkpoint_bytes(self, instance: QemuInstance) -> int:
         return instance.snapshot.machine.ram_mb * 2**20
 
-    def checkpoint(self, instance: QemuInstance, work: Path) -> dict:
+    def checkpoint(self, instance: QemuInstance, work: Path, resumed: Callable[[], None] = lambda: None) -> dict:
         """Save the running VM's memory and device state into ``work`` as a snapshot (``mem``, ``state``).
 
         QEMU 7.2 cannot write a VM's memory into a file that a later restore maps (no ``mapped-ram``),
@@ -374,6 +374,7 @@ class QemuBackend(Backend):
                 src.execute("cont")
                 stopped = False
                 t_copy = time.perf_counter()
+                resumed()
                 with _open_memfd(dest.pid) as memfd:
                     try:
                         dst.execute("quit")
