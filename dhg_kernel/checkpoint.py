@@ -62,3 +62,30 @@ def save(backend: Backend, instance: Instance, client: AgentClient, name: str, o
             info["temporary_for_pid"] = os.getpid()
         store.finish(work, meta, info)
     return store.load(backend.layout, name)
+
+
+def fork(backend: Backend, instance: Instance, client: AgentClient) -> Instance:
+    """A second VM running on from ``instance``'s state now, held still around the copy as for a save.
+    Backends that can copy a running VM directly (QEMU: a migration into a new process) do that;
+    the others go through a temporary checkpoint."""
+    if client.dead is not None:
+        raise CheckpointError(f"the session's server is gone ({client.dead}); nothing to fork. "
+                              f"Run a cell (it starts a fresh server), then fork again")
+    direct = getattr(backend, "fork", None)
+    if direct is None:
+        raise CheckpointError(backend.no_checkpoints())
+    client.hold(HOLD_TIMEOUT_S)
+    released = []
+
+    def release() -> None:
+        if not released:
+            released.append(True)
+            try:
+                client.resume(HOLD_TIMEOUT_S)
+            except AgentDied:
+                pass
+
+    try:
+        return direct(instance, release)
+    finally:
+        release()

@@ -77,7 +77,7 @@ class ReadyAgent:
     started: float = field(default_factory=time.time)
     """When it started (wall clock)."""
     checkpoint: str | None = None
-    """The checkpoint it was restored from (None: the base snapshot, or a local process)."""
+    """The checkpoint it was restored from, or "fork of <instance>" (None: the base snapshot, or a local process)."""
     pushed: dict[str, _Pushed] = field(default_factory=dict)
     """Files this agent already has (so an unchanged file is not sent twice)."""
 
@@ -86,13 +86,15 @@ class ReadyAgent:
         self.instance.stop()
 
 
-def start_agent(backend: Backend, checkpoint: str | None = None) -> ReadyAgent:
+def start_agent(backend: Backend, checkpoint: str | None = None, make: Callable[[], Instance] | None = None,
+                origin: str | None = None) -> ReadyAgent:
     """Start (restore) an instance and greet its agent. (Backends that restore snapshots reseed the
     guest's clock and entropy themselves, before handing the instance over.) ``checkpoint``: restore
-    that one instead of the backend's usual start."""
+    that one instead of the backend's usual start; ``make``: how to get the instance instead (a fork),
+    and ``origin`` what it started from."""
     t0 = time.perf_counter()
     try:
-        instance = backend.start(checkpoint) if checkpoint else backend.start()
+        instance = make() if make else backend.start(checkpoint) if checkpoint else backend.start()
     except OSError as e:  # a run dir that cannot be made, a binary that cannot be run
         raise AgentStartError(f"the {backend.name} backend could not start an instance: {e}. "
                               f"Check DHG_HOME's permissions and free space, then run: dhvm status") from None
@@ -103,7 +105,7 @@ def start_agent(backend: Backend, checkpoint: str | None = None) -> ReadyAgent:
         instance.stop()
         raise
     return ReadyAgent(instance, client, hello, (time.perf_counter() - t0) * 1000,
-                      checkpoint=checkpoint or getattr(backend, "start_from", None))
+                      checkpoint=origin or checkpoint or getattr(backend, "start_from", None))
 
 
 _live_sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
@@ -312,13 +314,29 @@ class Session:
 
         from .vm import checkpoints
 
-        name = f"fork-{secrets.token_hex(6)}"
+        from . import checkpoint as cp
+
         with self._lock:
+            if self.mode == "per-cell":
+                raise UsageError("in per-cell mode no server outlives its cell, so there is nothing to fork. "
+                                 "Switch: %config Dhvm.mode = 'per-session'")
+            if not getattr(self.backend, "can_checkpoint", False):
+                raise CheckpointError(self.backend.no_checkpoints())
+            if self.live is None:
+                raise CheckpointError("nothing to fork yet: this session has no server. Run the cells that load "
+                                      "your data first")
+            live = self.live
+            child = Session(self.backend_name, self.layout.home, mode="per-session",
+                            **{**self.backend_options, "snapshot": self.snapshot})
+            origin = f"fork of {live.instance.id}"
+            if getattr(self.backend, "fork", None) is not None:  # a running VM copied into a new one (QEMU)
+                child.live = start_agent(child.backend, origin=origin,
+                                         make=lambda: cp.fork(self.backend, live.instance, live.client))
+                return child
+            name = f"fork-{secrets.token_hex(6)}"
             self.checkpoint(name, temporary=True)
             try:
-                child = Session(self.backend_name, self.layout.home, mode="per-session",
-                                **{**self.backend_options, "snapshot": self.snapshot})
-                child.live = start_agent(child.backend, checkpoint=name)
+                child.live = start_agent(child.backend, checkpoint=name, origin=origin)
             finally:
                 # A running restore holds the memory file open; the name is no longer needed.
                 checkpoints.remove(self.layout, name)

@@ -234,7 +234,8 @@ def test_restore_replaces_the_session_server_and_a_fork_is_independent(loaded, c
             mine, theirs = s.execute("print(marker, by_sym.size, drawn)"), child.execute("print(marker, by_sym.size, drawn)")
             assert mine.stdout.split() == ["main", str(len(loaded["before"]["q"])), str(loaded["before"]["drawn"])]
             assert theirs.stdout.split() == ["fork", "1", "0.0"]
-            assert child.live.checkpoint and child.live.checkpoint.startswith("fork-")
+            assert child.live.checkpoint == f"fork of {s.instance.id}"
+            assert child.instance.id != s.instance.id and child.instance.proc.pid != s.instance.proc.pid
         finally:
             child.stop()
         print(f"fork took {fork_s:.2f}s")
@@ -283,7 +284,8 @@ def test_refusals_name_the_fix(loaded, ck_home):
                 Session(backend="qemu", config_dir=ck_home, snapshot="altered").start()
         finally:
             checkpoints.remove(layout, "altered")
-    assert not list_instances(layout), "a refused restore left an instance behind"
+    assert not [r for r in list_instances(layout) if r.owner_pid == os.getpid()], \
+        "a refused restore left an instance behind"
 
 
 @pytest.mark.slow
@@ -303,7 +305,7 @@ def test_kill_9_in_the_middle_of_a_save_leaves_no_checkpoint_and_nothing_running
         assert proc.stdout.readline().strip() == "ready"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            saving = [r for r in list_instances(layout) if r.backend == "qemu-checkpoint"]
+            saving = [r for r in list_instances(layout) if r.backend == "qemu-checkpoint" and r.owner_pid == proc.pid]
             partial = list(layout.checkpoints.glob(f"{checkpoints.PARTIAL}killed-*"))
             if saving and partial and (partial[0] / "mem").exists():
                 break
@@ -317,9 +319,10 @@ def test_kill_9_in_the_middle_of_a_save_leaves_no_checkpoint_and_nothing_running
         if proc.poll() is None:
             proc.kill()
     deadline = time.monotonic() + 15
-    while list_instances(layout) and time.monotonic() < deadline:
+    mine = lambda: [r for r in list_instances(layout) if r.owner_pid == proc.pid]  # noqa: E731
+    while mine() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not list_instances(layout), "VMs of the killed process were left running"
+    assert not mine(), "VMs of the killed process were left running"
     assert "killed" not in [c.name for c in checkpoints.list_all(layout)]
     assert not layout.checkpoint("killed").exists()
     assert not list(layout.checkpoints.glob(f"{checkpoints.PARTIAL}killed-*")), "the partial save was left behind"
@@ -392,15 +395,16 @@ def test_a_kernel_forks_runs_named_sessions_and_starts_from_dhg_snapshot(loaded,
         assert run("print(len(local_b))").strip() == "2"
         listing = run("%dhvm sessions")
         assert "main" in listing and "b" in listing and "True" in listing
-        vms = [r for r in list_instances(layout) if r.owner_pid == km.provisioner.pid]
+        kernel_pid = km.provisioner.pid
+        vms = [r for r in list_instances(layout) if r.owner_pid == kernel_pid]
         assert len(vms) == 2, vms
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
     deadline = time.monotonic() + 15
-    while [r for r in list_instances(layout) if r.backend == "qemu"] and time.monotonic() < deadline:
+    while [r for r in list_instances(layout) if r.owner_pid == kernel_pid] and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not [r for r in list_instances(layout) if r.backend == "qemu"], "the kernel's sessions outlived it"
+    assert not [r for r in list_instances(layout) if r.owner_pid == kernel_pid], "the kernel's sessions outlived it"
 
 
 @pytest.mark.slow

@@ -272,18 +272,22 @@ class QemuBackend(Backend):
                 last = e
         raise AgentStartError(f"could not forward a Deephaven port: {last}")
 
-    def _restore(self, qemu: str, snap: Snapshot) -> QemuInstance:
+    def _restore(self, qemu: str, snap: Snapshot, fork_of: QemuInstance | None = None,
+                 resumed: Callable[[], None] = lambda: None) -> QemuInstance:
+        """A new VM: from ``snap``'s files, or (``fork_of``) migrated from that running VM."""
         t0 = time.perf_counter()
         rec = new_instance(self.layout, self.name)
         port = free_port()
-        argv = snap.machine.argv(self.layout.vm, qemu, snap.mem, shared=False, host_port=port, incoming=True)
+        argv = snap.machine.argv(self.layout.vm, qemu, None if fork_of else snap.mem, shared=False, host_port=port,
+                                 incoming=True)
         with open(os.path.join(rec.dir, "qemu.log"), "wb") as qlog:
             # umask 077: the sockets QEMU makes in the run dir are 0600 (the dir itself is 0700).
             proc = subprocess.Popen(argv, cwd=rec.dir, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT,
                                     start_new_session=True, umask=0o077)
         rec.add_process(proc.pid, "qemu")
         rec.info.update({"accel": snap.machine.accel, "snapshot": str(snap.dir), "deephaven_port": port,
-                         "deephaven_url": f"http://127.0.0.1:{port}/ide/"})
+                         "deephaven_url": f"http://127.0.0.1:{port}/ide/",
+                         **({"forked_from": fork_of.id} if fork_of else {})})
         rec.save()
         inst = QemuInstance(rec, proc, port, snap)
         try:
@@ -293,12 +297,18 @@ class QemuBackend(Backend):
                 for name in ("agent.sock", "qmp.sock"):
                     os.chmod(inst.dir / name, 0o600)  # owner only (the run dir is 0700 as well)
                 qmp.execute("migrate-set-capabilities",
-                            {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+                            {"capabilities": [{"capability": "x-ignore-shared", "state": fork_of is None}]})
                 # Connect before the guest runs: the port is then open at resume and the agent's pending
                 # read (from the snapshot) gets our first frame at once.
                 sock = connect_unix(inst.socket_path, self.restore_timeout, inst.alive)
-                qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(snap.state))}"})
-                qmp.migrate_wait(timeout=self.restore_timeout, poll=0.002)
+                if fork_of is None:
+                    qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(snap.state))}"})
+                    qmp.migrate_wait(timeout=self.restore_timeout, poll=0.002)
+                else:
+                    qmp.execute("migrate-incoming", {"uri": "unix:mig.sock"})
+                    _migrate_paused(fork_of, inst.dir.name)
+                    resumed()
+                    _wait_status(qmp, proc, lambda st: st != "inmigrate", CHECKPOINT_TIMEOUT_S)
                 inst.timings["loaded_ms"] = _ms(t0)
                 # The snapshot was taken paused; the migrated run state keeps it paused until told.
                 qmp.execute("cont")
@@ -310,13 +320,21 @@ class QemuBackend(Backend):
             inst.stop()
             if "Could not set up host forwarding rule" in tail:
                 raise _PortTaken(tail) from None
-            raise AgentStartError(f"QEMU restore from {snap.dir} failed: {e}\n--- guest console / qemu.log ---\n"
+            what = f"fork of {fork_of.id}" if fork_of else f"restore from {snap.dir}"
+            raise AgentStartError(f"QEMU {what} failed: {e}\n--- guest console / qemu.log ---\n"
                                   f"{tail}\nIf the snapshot is stale, run: dhvm prepare --rebuild") from None
         rec.info["restore_ms"] = inst.timings["ready_ms"]
         rec.save()
         return inst
 
     can_checkpoint = True
+
+    def fork(self, parent: QemuInstance, resumed: Callable[[], None] = lambda: None) -> QemuInstance:
+        """A second VM that runs on from ``parent``'s state now: ``parent`` is paused and migrated into a new
+        QEMU on this host (its RAM a memfd of its own), then both run. No file is written, so this is
+        quicker than a checkpoint and a restore; ``resumed`` is called once the parent runs again. The
+        caller holds the parent's agent still around this, as for a checkpoint."""
+        return self._restore(self.binary(), parent.snapshot, fork_of=parent, resumed=resumed)
 
     def checkpoint_bytes(self, instance: QemuInstance) -> int:
         return instance.snapshot.machine.ram_mb * 2**20
@@ -348,47 +366,34 @@ class QemuBackend(Backend):
                                     start_new_session=True, umask=0o077)
         rec.add_process(dest.pid, "qemu")
         rec.save()
-        stopped = False
         try:
-            with instance.monitor() as src, Monitor.connect(Path(rec.dir) / "qmp.sock", timeout=30,
-                                                            is_alive=lambda: dest.poll() is None) as dst:
-                for m in (src, dst):
-                    m.execute("migrate-set-capabilities",
-                              {"capabilities": [{"capability": "x-ignore-shared", "state": False}]})
-                src.execute("migrate-set-parameters", {"max-bandwidth": CHECKPOINT_BANDWIDTH})
-                # The socket is in the new instance's 0700 run dir, and named relative to the source's
-                # (a sibling): short whatever DHG_HOME is.
+            with Monitor.connect(Path(rec.dir) / "qmp.sock", timeout=30, is_alive=lambda: dest.poll() is None) as dst:
+                dst.execute("migrate-set-capabilities",
+                            {"capabilities": [{"capability": "x-ignore-shared", "state": False}]})
+                # The socket is in the new instance's 0700 run dir, named relative to the source's (a sibling).
                 dst.execute("migrate-incoming", {"uri": "unix:mig.sock"})
-                src.execute("stop")
-                stopped = True
                 t_stop = time.perf_counter()
-                src.execute("migrate", {"uri": f"unix:../{Path(rec.dir).name}/mig.sock"})
-                mig = src.migrate_wait(timeout=CHECKPOINT_TIMEOUT_S, poll=0.01)
+                mig = _migrate_paused(instance, Path(rec.dir).name)  # the source runs on after
+                paused_s = time.perf_counter() - t_stop
+                resumed()
                 _wait_status(dst, dest, lambda st: st != "inmigrate", CHECKPOINT_TIMEOUT_S)
-                copy_s = time.perf_counter() - t_stop
                 dst.execute("migrate-set-capabilities",
                             {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
                 dst.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(work / 'state'))}"})
                 dst.migrate_wait(timeout=60, poll=0.005)
-                # The source may run on now: what it holds is all in the other QEMU.
-                src.execute("cont")
-                stopped = False
                 t_copy = time.perf_counter()
-                resumed()
                 with _open_memfd(dest.pid) as memfd:
                     try:
                         dst.execute("quit")
                     except QMPCommandError:
                         pass  # QEMU may close the monitor before it answers
                     dest.wait(timeout=30)
-                    write_s = copy_sparse(memfd, work / "mem")  # fsynced: on disk before it is declared done
+                    copy_sparse(memfd, work / "mem")  # fsynced: on disk before it is declared done
                 write_s = time.perf_counter() - t_copy
         except Exception as e:
             raise CheckpointError(f"QEMU could not save the VM: {type(e).__name__}: {e}\n--- the saving QEMU's log ---\n"
                                   f"{_read_tail(Path(rec.dir) / 'qemu.log')}") from None
         finally:
-            if stopped:
-                _resume(instance)
             if dest.poll() is None:
                 dest.kill()
                 dest.wait()
@@ -400,8 +405,8 @@ class QemuBackend(Backend):
             "files": snap.meta.get("files"), "agent": snap.meta.get("agent"),
             "sizes": {"mem_bytes": mem.stat().st_size, "mem_allocated_bytes": mem.stat().st_blocks * 512,
                       "state_bytes": (work / "state").stat().st_size},
-            "timings": {"save_s": round(time.perf_counter() - t0, 2), "paused_s": round(t_copy - t_stop, 2),
-                        "migrate_s": round(copy_s, 2), "write_s": round(write_s, 2),
+            "timings": {"save_s": round(time.perf_counter() - t0, 2), "paused_s": round(paused_s, 2),
+                        "write_s": round(write_s, 2),
                         "migration_bytes": (mig.get("ram") or {}).get("transferred")},
         }
 
@@ -621,13 +626,21 @@ def _send(dst: int, src: int, offset: int, count: int) -> None:
         offset, count = offset + n, count - n
 
 
-def _resume(instance: QemuInstance) -> None:
-    """Let a VM that a failed checkpoint paused run again (its session goes on)."""
-    try:
-        with instance.monitor() as qmp:
-            qmp.execute("cont")
-    except QMPCommandError:
-        pass  # the VM is gone: the session finds out at its next request
+def _migrate_paused(source: QemuInstance, dest_dir_name: str) -> dict:
+    """Pause ``source`` and migrate all of it to the QEMU listening on ``mig.sock`` in the sibling run dir
+    ``dest_dir_name``; ``source`` runs again afterwards, whatever happened. Returns the migration's stats."""
+    with source.monitor() as src:
+        src.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": False}]})
+        src.execute("migrate-set-parameters", {"max-bandwidth": CHECKPOINT_BANDWIDTH})
+        src.execute("stop")
+        try:
+            src.execute("migrate", {"uri": f"unix:../{dest_dir_name}/mig.sock"})
+            return src.migrate_wait(timeout=CHECKPOINT_TIMEOUT_S, poll=0.01)
+        finally:
+            try:
+                src.execute("cont")
+            except QMPCommandError:
+                pass  # the VM is gone: its session finds out at its next request
 
 
 def _read_tail(path: Path, lines: int = 15) -> str:
