@@ -11,8 +11,10 @@ backend's ``checkpoint``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from typing import Callable, Iterator
 
 from .client import AgentClient
 from .errors import AgentDied, CheckpointError
@@ -39,22 +41,9 @@ def save(backend: Backend, instance: Instance, client: AgentClient, name: str, o
     base = backend.base_snapshot()
     t0 = time.perf_counter()
     with store.writing(backend.layout, name, overwrite, backend.checkpoint_bytes(instance)) as work:
-        held = client.hold(HOLD_TIMEOUT_S)
-        released = []
-
-        def release() -> None:
-            if not released:
-                released.append(True)
-                try:
-                    client.resume(HOLD_TIMEOUT_S)
-                except AgentDied:
-                    pass  # the session finds out at its next cell, and says so
-
-        try:
+        with _held(client) as (held, release):
             # The backend releases the agent as soon as the VM runs again (before it writes the files).
             meta = backend.checkpoint(instance, work, release)
-        finally:
-            release()
         info = {"name": name, "tables": held.get("tables", []), "source": source or {},
                 "base": {"key": base.meta.get("key"), "created": base.meta.get("created"), "dir": str(base.dir)},
                 "save_s": round(time.perf_counter() - t0, 2)}
@@ -65,16 +54,24 @@ def save(backend: Backend, instance: Instance, client: AgentClient, name: str, o
 
 
 def fork(backend: Backend, instance: Instance, client: AgentClient) -> Instance:
-    """A second VM running on from ``instance``'s state now, held still around the copy as for a save.
-    Backends that can copy a running VM directly (QEMU: a migration into a new process) do that;
-    the others go through a temporary checkpoint."""
+    """A second VM running on from ``instance``'s state now, held still around the copy as for a save,
+    for backends that copy a running VM directly (QEMU: a migration into a new process). For the
+    others, ``Session.fork`` goes through a temporary checkpoint instead."""
     if client.dead is not None:
         raise CheckpointError(f"the session's server is gone ({client.dead}); nothing to fork. "
                               f"Run a cell (it starts a fresh server), then fork again")
     direct = getattr(backend, "fork", None)
     if direct is None:
         raise CheckpointError(backend.no_checkpoints())
-    client.hold(HOLD_TIMEOUT_S)
+    with _held(client) as (_, release):
+        return direct(instance, release)
+
+
+@contextlib.contextmanager
+def _held(client: AgentClient) -> Iterator[tuple[dict, Callable[[], None]]]:
+    """The agent held still: yields the hold's answer and a release to call as soon as the VM runs again
+    (called on the way out too, once in all)."""
+    held = client.hold(HOLD_TIMEOUT_S)
     released = []
 
     def release() -> None:
@@ -83,9 +80,9 @@ def fork(backend: Backend, instance: Instance, client: AgentClient) -> Instance:
             try:
                 client.resume(HOLD_TIMEOUT_S)
             except AgentDied:
-                pass
+                pass  # the session finds out at its next cell, and says so
 
     try:
-        return direct(instance, release)
+        yield held, release
     finally:
         release()

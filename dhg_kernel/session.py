@@ -262,20 +262,25 @@ class Session:
                 self._pool.close()
                 self._pool = None
 
+    def _to_copy(self, what: str, then: str) -> ReadyAgent:
+        """The running server a checkpoint or fork copies (``what``: "checkpoint" or "fork"); the reasons
+        there is none, each with its fix. Call with the lock held."""
+        if self.mode == "per-cell":
+            raise UsageError(f"in per-cell mode no server outlives its cell, so there is nothing to {what}. "
+                             f"Switch: %config Dhvm.mode = 'per-session', run the cells, then {what}")
+        if not getattr(self.backend, "can_checkpoint", False):
+            raise CheckpointError(self.backend.no_checkpoints())
+        if self.live is None:
+            raise CheckpointError(f"nothing to {what} yet: this session has no server. Run the cells that load "
+                                  f"your data, then: {then}")
+        return self.live
+
     def checkpoint(self, name: str, overwrite: bool = False, temporary: bool = False):
         """Save the session's server as checkpoint ``name``; it runs on. Returns the Checkpoint."""
         from . import checkpoint as cp
 
         with self._lock:
-            if self.mode == "per-cell":
-                raise UsageError("in per-cell mode no server outlives its cell, so there is nothing to checkpoint. "
-                                 "Switch: %config Dhvm.mode = 'per-session', run the cells, then checkpoint")
-            if not getattr(self.backend, "can_checkpoint", False):
-                raise CheckpointError(self.backend.no_checkpoints())
-            if self.live is None:
-                raise CheckpointError("nothing to checkpoint yet: this session has no server. Run the cells that "
-                                      f"load your data, then: %dhvm checkpoint {name}")
-            live = self.live
+            live = self._to_copy("checkpoint", f"%dhvm checkpoint {name}")
             source = {"instance": live.instance.id, "from_checkpoint": live.checkpoint,
                       "pid": os.getpid()}
             ck = cp.save(self.backend, live.instance, live.client, name, overwrite, source, temporary)
@@ -312,20 +317,11 @@ class Session:
         """A new session (same backend and settings) whose server starts from this one's state now."""
         import secrets
 
+        from . import checkpoint as cp
         from .vm import checkpoints
 
-        from . import checkpoint as cp
-
         with self._lock:
-            if self.mode == "per-cell":
-                raise UsageError("in per-cell mode no server outlives its cell, so there is nothing to fork. "
-                                 "Switch: %config Dhvm.mode = 'per-session'")
-            if not getattr(self.backend, "can_checkpoint", False):
-                raise CheckpointError(self.backend.no_checkpoints())
-            if self.live is None:
-                raise CheckpointError("nothing to fork yet: this session has no server. Run the cells that load "
-                                      "your data first")
-            live = self.live
+            live = self._to_copy("fork", "%dhvm fork NEW")
             child = Session(self.backend_name, self.layout.home, mode="per-session",
                             **{**self.backend_options, "snapshot": self.snapshot})
             origin = f"fork of {live.instance.id}"

@@ -24,12 +24,13 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from ..config import Layout
-from ..errors import CheckpointError, UsageError
+from ..errors import BackendUnavailable, CheckpointError, UsageError
 from .base import SNAPSHOT_METADATA, write_snapshot_metadata
 
+T = TypeVar("T")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 PARTIAL = ".partial-"
 # Free space kept beyond a checkpoint's worst case (its RAM size), so a save never fills the disk.
@@ -232,3 +233,14 @@ def check_compatible(ck: Checkpoint, backend: str, base_meta: dict, dh_version: 
         raise CheckpointError(f"the checkpoint {ck.name!r} grew from the base snapshot made {base.get('created')}, "
                               f"and `dhvm prepare` has since made a new one ({base_meta.get('created')}): the "
                               f"guest it holds may not match this host's code. {fix[0].upper() + fix[1:]}")
+
+
+def snapshot_of(layout: Layout, name: str, backend: str, base_meta: dict, dh_version: str, read: Callable[[Path], T]) -> T:
+    """The snapshot inside checkpoint ``name`` (read by ``read``, the backend's snapshot loader), after
+    checking that it may be restored here."""
+    ck = load(layout, name)
+    check_compatible(ck, backend, base_meta, dh_version)
+    try:
+        return read(ck.dir)
+    except BackendUnavailable as e:
+        raise CheckpointError(f"the checkpoint {name!r} is damaged ({e}); remove it: dhvm checkpoint rm {name}") from None

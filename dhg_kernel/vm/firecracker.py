@@ -434,13 +434,8 @@ class FirecrackerBackend(Backend):
         name = checkpoint or self.start_from
         if not name:
             return base
-        ck = checkpoints.load(self.layout, name)
-        checkpoints.check_compatible(ck, self.name, base.meta, self.dh_version)
-        try:
-            snap = FcSnapshot.load_from(ck.dir, self.layout.vm)
-        except BackendUnavailable as e:
-            raise CheckpointError(f"the checkpoint {name!r} is damaged ({e}); remove it: "
-                                  f"dhvm checkpoint rm {name}") from None
+        snap = checkpoints.snapshot_of(self.layout, name, self.name, base.meta, self.dh_version,
+                                       lambda d: FcSnapshot.load_from(d, self.layout.vm))
         snap.check_inputs(self.layout.vm)
         snap.check_version(self.binary().version)
         return snap

@@ -229,12 +229,7 @@ class QemuBackend(Backend):
         name = checkpoint or self.start_from
         if not name:
             return base
-        ck = checkpoints.load(self.layout, name)
-        checkpoints.check_compatible(ck, self.name, base.meta, self.dh_version)
-        try:
-            snap = Snapshot.load(ck.dir)
-        except BackendUnavailable as e:
-            raise CheckpointError(f"the checkpoint {name!r} is damaged ({e}); remove it: dhvm checkpoint rm {name}") from None
+        snap = checkpoints.snapshot_of(self.layout, name, self.name, base.meta, self.dh_version, Snapshot.load)
         snap.check_inputs(self.layout.vm)
         return snap
 
