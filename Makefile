@@ -39,6 +39,7 @@ bench: setup
 	$(PY) bench/bench_fetch.py
 	$(PY) bench/bench_live.py
 	$(PY) bench/bench_qemu.py
+	$(PY) bench/bench_checkpoint.py
 	$(PY) bench/bench_rich.py
 
 clean:

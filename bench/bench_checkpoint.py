@@ -89,7 +89,7 @@ def main() -> None:
               f"{d['ram_mb']} MiB RAM")
         t0 = time.perf_counter()
         child = s.fork()
-        print(f"fork (checkpoint + restore + first hello): {time.perf_counter() - t0:.2f} s")
+        print(f"fork (pause, migrate into a new VM, both resume, handshake): {time.perf_counter() - t0:.2f} s")
         child.stop()
         s.stop()
 
