@@ -629,3 +629,153 @@ def test_shutting_the_kernel_down_leaves_no_process(lab, notebook):
     assert [i for i in list_instances(Layout(lab.home)) if i.owner_pid == kernel_pid] == []
     lab.stop()
     assert lab.proc.returncode is not None
+
+
+# ---------------------------------------------------------------- checkpoints, forks and named sessions
+# These come after the kernel was shut down and JupyterLab stopped (the tests above, in a whole-file
+# run), or straight after the launcher (-k): each opens what it needs.
+
+def _dataframe_records(table) -> list[dict[str, str]]:
+    """The rows of a rendered pandas DataFrame as {column header: cell text} (without the index)."""
+    return table.evaluate("t => { const h = [...t.querySelectorAll('thead th')].slice(1).map(c => c.textContent.trim());"
+                          " return [...t.querySelectorAll('tbody tr')].map(r => Object.fromEntries("
+                          "[...r.querySelectorAll('td')].map((c, i) => [h[i], c.textContent.trim()]))); }")
+
+
+def _open_microvm_notebook(request, lab, notebook) -> None:
+    """A "Deephaven microVM" notebook open and its kernel idle: the one of the tests above if it is
+    still open; else a new one from the launcher, in a JupyterLab started again if the shutdown test
+    stopped it (the ``lab`` fixture then stops the new one)."""
+    from playwright.sync_api import expect
+
+    page = notebook.page
+    if lab.proc.poll() is not None:
+        workdir = request.getfixturevalue("tmp_path_factory").mktemp(f"jupyterlab-{lab.backend}-again")
+        env = {**os.environ, "JUPYTER_PATH": request.getfixturevalue("jupyter_path"), "DHG_HOME": str(lab.home),
+               "DHG_BACKEND": lab.backend}
+        again = Lab(workdir, env)
+        again.backend, again.home = lab.backend, lab.home
+        lab.__dict__.update(again.__dict__)
+        lab.wait_ready()
+        page.goto(f"{lab.url}/lab?token={lab.token}")
+    panel = page.locator(".jp-NotebookPanel")
+    tile = page.locator('.jp-LauncherCard[data-category="Notebook"][title="Deephaven microVM"]')
+    expect(panel.or_(tile).first).to_be_visible(timeout=90_000)
+    if not panel.count():
+        tile.click()
+    expect(page.locator(".jp-NotebookPanel-toolbar")).to_contain_text("Deephaven microVM")
+    # A cell run before the kernel is connected is not run at all (its prompt stays "[ ]").
+    expect(page.locator("#jp-main-statusbar")).to_contain_text("Deephaven microVM | Idle", timeout=90_000)
+
+
+def test_a_qemu_notebook_checkpoints_restores_and_forks_into_a_named_session(request, lab, notebook):
+    from playwright.sync_api import expect
+
+    from dhg_kernel.vm import checkpoints
+
+    if lab.backend != "qemu":
+        pytest.skip("checkpoints need a microVM (the local backend's refusal is tested below)")
+    name, fork = f"jl-{secrets.token_hex(4)}", f"jlfork-{secrets.token_hex(3)}"
+    layout = Layout(lab.home)
+    stdout = "application/vnd.jupyter.stdout"
+    _open_microvm_notebook(request, lab, notebook)
+    try:
+        cell = notebook.run('from deephaven import empty_table\nck_v = 1\nck_t = empty_table(3).update(["X = i * 10"])',
+                            timeout_s=FIRST_OUTPUT_S)
+        expect(notebook.outputs(cell, "text/html").locator("h4 code")).to_have_text("ck_t")
+
+        cell = notebook.run(f"%dhvm checkpoint {name}")
+        notebook.shot("ck-1-checkpoint")
+        expect(notebook.outputs(cell)).to_have_count(1)
+        text = notebook.outputs(cell, stdout).inner_text()
+        print(f"\n[jupyterlab-qemu] {text.strip()}")
+        saved = re.match(rf"dhvm: checkpoint {re.escape(name)} saved in [\d.]+ s: [\d.]+ GiB on disk, "
+                         r"tables: (.*)\. The session runs on\.\n", text)
+        assert saved and "ck_t" in saved.group(1).split(", "), text
+        assert f"%dhvm restore {name} (this session)" in text and "%dhvm fork NEW" in text, text
+        assert (layout.checkpoint(name) / "metadata.json").is_file()
+
+        cell = notebook.run("%dhvm checkpoints")
+        notebook.shot("ck-2-checkpoints")
+        rows = [r for r in _dataframe_records(notebook.outputs(cell, "text/html").locator("table.dataframe"))
+                if r["name"] == name]
+        assert len(rows) == 1, rows
+        assert rows[0]["backend"] == "qemu" and "ck_t" in rows[0]["tables"], rows
+
+        # The session runs on after the checkpoint; change what it holds, then go back.
+        cell = notebook.run('ck_v = 2\nck_t = empty_table(1)\nprint(ck_v, ck_t.size)')
+        expect(notebook.outputs(cell, stdout)).to_have_text("2 1\n")
+        cell = notebook.run(f"%dhvm restore {name}")
+        expect(notebook.outputs(cell)).to_have_count(1)
+        expect(notebook.outputs(cell, stdout)).to_have_text(re.compile(
+            rf"^dhvm: this session now runs a server restored from checkpoint {re.escape(name)} "
+            r"\(in [\d.]+ s\); its earlier server was discarded\.\n$"))
+        print(f"[jupyterlab-qemu] {notebook.outputs(cell, stdout).inner_text().strip()}")
+        cell = notebook.run("print(ck_v, ck_t.size)")
+        notebook.shot("ck-3-restored")
+        expect(notebook.outputs(cell)).to_have_count(1)
+        expect(notebook.outputs(cell, stdout)).to_have_text("1 3\n")
+
+        # A fork: a second session from this one's state; a -s cell changes only the fork.
+        cell = notebook.run(f"%dhvm fork {fork}")
+        expect(notebook.outputs(cell, stdout)).to_have_text(re.compile(
+            rf"^dhvm: session {fork} forked from main in [\d.]+ s; both run on\. Run cells in it with %%dhvm -s {fork}\n$"))
+        print(f"[jupyterlab-qemu] {notebook.outputs(cell, stdout).inner_text().strip()}")
+        cell = notebook.run(f'%%dhvm -s {fork}\nck_v = 99\nck_u = ck_t.update(["Y = X + 1"])\nprint("in the fork", ck_v, ck_t.size)')
+        notebook.shot("ck-4-fork-cell")
+        expect(notebook.outputs(cell, stdout)).to_have_text("in the fork 99 3\n")
+        expect(notebook.outputs(cell, "text/html").locator("h4 code")).to_have_text("ck_u")
+        assert _dataframe_values(notebook.outputs(cell, "text/html").locator("table.dataframe")) == [
+            [str(10 * i), str(10 * i + 1)] for i in range(3)]
+        expect(notebook.outputs(cell, "application/vnd.jupyter.stderr")).to_have_count(0)
+        cell = notebook.run('print(ck_v, "ck_u" in globals())')
+        expect(notebook.outputs(cell, stdout)).to_have_text("1 False\n")  # the main session is untouched
+
+        cell = notebook.run("%dhvm sessions")
+        notebook.shot("ck-5-sessions")
+        sessions = {r["session"]: r for r in _dataframe_records(notebook.outputs(cell, "text/html").locator("table.dataframe"))}
+        assert sorted(sessions) == sorted(["main", fork]), sessions
+        assert all(s["running"] == "True" and s["backend"] == "qemu" for s in sessions.values()), sessions
+        assert sessions["main"]["started_from"] == name, sessions
+
+        cell = notebook.run(f"%dhvm -s {fork} stop")
+        expect(notebook.outputs(cell, stdout)).to_have_text(f"dhvm: session {fork} stopped.\n")
+        cell = notebook.run("%dhvm sessions")
+        records = _dataframe_records(notebook.outputs(cell, "text/html").locator("table.dataframe"))
+        assert [r["session"] for r in records] == ["main"], records
+        cell = notebook.run("print(ck_v)")
+        expect(notebook.outputs(cell, stdout)).to_have_text("1\n")
+    finally:
+        if layout.checkpoint(name).exists():
+            checkpoints.remove(layout, name)
+    assert name not in [c.name for c in checkpoints.list_all(layout)]
+
+
+def test_the_local_backend_refuses_a_checkpoint_in_the_cell_and_keeps_working(request, lab, notebook):
+    from playwright.sync_api import expect
+
+    if lab.backend != "local":
+        pytest.skip("the qemu backend saves checkpoints (tested above)")
+    name = f"jl-{secrets.token_hex(4)}"
+    _open_microvm_notebook(request, lab, notebook)
+    cell = notebook.run("ck_v = 41", timeout_s=FIRST_OUTPUT_S)
+    expect(notebook.outputs(cell, "application/vnd.jupyter.stderr")).to_have_count(0)
+    for command in (f"%dhvm checkpoint {name}", f"%dhvm restore {name}", "%dhvm fork b"):
+        cell = notebook.run(command)
+        err = notebook.outputs(cell, "application/vnd.jupyter.stderr")
+        expect(notebook.outputs(cell)).to_have_count(1)
+        expect(err).to_have_count(1)
+        if command.startswith("%dhvm checkpoint"):
+            notebook.shot("ck-1-refused")
+        text = err.inner_text()
+        print(f"\n[jupyterlab-local] {command}: {text.strip()}")
+        # the message alone (no traceback), saying why and what to use instead
+        assert text.startswith("CheckpointError: the local backend"), text
+        assert "cannot be saved" in text and "%config Dhvm.backend = 'qemu'" in text, text
+        assert "Traceback" not in text, text
+    assert not Layout(lab.home).checkpoint(name).exists()
+    # The same server runs on: its variable is still there.
+    cell = notebook.run("print(ck_v + 1)")
+    notebook.shot("ck-2-after-refusal")
+    expect(notebook.outputs(cell)).to_have_count(1)
+    expect(notebook.outputs(cell, "application/vnd.jupyter.stdout")).to_have_text("42\n")
