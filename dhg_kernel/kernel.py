@@ -74,31 +74,52 @@ class DhvmKernel(IPythonKernel):
         return await super().do_execute(routed, silent, store_history, user_expressions, allow_stdin,
                                         cell_meta=cell_meta, cell_id=cell_id)
 
-    def _vm_line(self, code: str, cursor_pos: int) -> bool:
-        where, _ = route(code)
+    def _vm_target(self, code: str, cursor_pos: int):
+        """Where a completion or inspection at ``cursor_pos`` is answered: ``(session, code, offset)`` when in
+        VM code (a VM cell, or the body of a ``%%dhvm [-s NAME]`` cell, whose code starts at ``offset``), else
+        None (the host's IPython answers)."""
         line_start = code.rfind("\n", 0, cursor_pos) + 1
-        return where == "vm" and not code[line_start:cursor_pos].lstrip().startswith(("%", "!"))
+        if code[line_start:cursor_pos].lstrip().startswith(("%", "!")):
+            return None
+        where, _ = route(code)
+        if where == "vm":
+            return self.dhvm.session, code, 0
+        head = code.lstrip()
+        if not head.startswith("%%dhvm"):
+            return None
+        offset = len(code) - len(head) + (head.find("\n") + 1 if "\n" in head else len(head))
+        if cursor_pos < offset:
+            return None
+        words = head.split("\n", 1)[0].split()
+        name = next((words[i + 1] for i, w in enumerate(words[:-1]) if w in ("-s", "--session")), None)
+        session = self.dhvm.existing_session(name)
+        return (session, code[offset:], offset) if session is not None else None
 
     def do_complete(self, code, cursor_pos):
         cursor_pos = len(code) if cursor_pos is None else cursor_pos
-        if not self._vm_line(code, cursor_pos):
+        target = self._vm_target(code, cursor_pos)
+        if target is None:
             return super().do_complete(code, cursor_pos)
+        session, body, offset = target
         try:
-            reply = self.dhvm.session.complete(code, cursor_pos)
+            reply = session.complete(body, cursor_pos - offset)
         except DhvmError as e:
             self.log.warning("dhvm: completion failed: %s", e)
             return {"status": "ok", "matches": [], "cursor_start": cursor_pos, "cursor_end": cursor_pos, "metadata": {}}
-        return {"status": "ok", "matches": reply.get("matches", []), "cursor_start": reply.get("cursor_start", cursor_pos),
-                "cursor_end": reply.get("cursor_end", cursor_pos),
+        start = reply.get("cursor_start", cursor_pos - offset) + offset
+        end = reply.get("cursor_end", cursor_pos - offset) + offset
+        return {"status": "ok", "matches": reply.get("matches", []), "cursor_start": start, "cursor_end": end,
                 "metadata": {"_jupyter_types_experimental": [
-                    {"start": reply["cursor_start"], "end": reply["cursor_end"], "text": m, "type": t}
+                    {"start": start, "end": end, "text": m, "type": t}
                     for m, t in zip(reply.get("matches", []), reply.get("types", []))]}}
 
     def do_inspect(self, code, cursor_pos, detail_level=0, omit_sections=()):
-        if not self._vm_line(code, cursor_pos):
+        target = self._vm_target(code, cursor_pos)
+        if target is None:
             return super().do_inspect(code, cursor_pos, detail_level, omit_sections)
+        session, body, offset = target
         try:
-            reply = self.dhvm.session.inspect(code, cursor_pos, detail_level)
+            reply = session.inspect(body, cursor_pos - offset, detail_level)
         except DhvmError as e:
             self.log.warning("dhvm: inspection failed: %s", e)
             reply = {"found": False, "data": {}}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool, Enum, Float, Integer, List, Unicode, observe
+from traitlets import Bool, Enum, Float, Integer, List, TraitError, Unicode, observe, validate
 
 from . import files as files_mod
 from .config import (DATA_EXTENSIONS, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_PUSH_MB, DEFAULT_MAX_ROWS,
@@ -66,6 +66,19 @@ class Dhvm(Magics):
                        "server starts from, per-cell and warm-pool VMs too; empty: the base snapshot. "
                        "Default: $DHG_SNAPSHOT.").tag(config=True)
 
+    @validate("snapshot")
+    def _check_snapshot(self, proposal) -> str:
+        """A checkpoint that new servers cannot start from is refused before it is set (the old value stays)."""
+        from .errors import DhvmError
+
+        name = proposal["value"]
+        if name:
+            try:
+                (self._sessions.get(MAIN_SESSION) or self._new_session(snapshot=None)).check_snapshot(name)
+            except DhvmError as e:
+                raise TraitError(str(e)) from None
+        return name
+
     @observe("mode", "pool_size", "snapshot")
     def _mode_changed(self, change) -> None:
         for session in self._sessions.values():
@@ -97,10 +110,17 @@ class Dhvm(Magics):
             self._sessions[name] = self._new_session()
         return self._sessions[name]
 
+    def existing_session(self, name: str | None) -> Session | None:
+        """The session called ``name`` (None: main, made on first use), or None if there is no such one."""
+        if name in (None, MAIN_SESSION):
+            return self._sessions.get(MAIN_SESSION) or self._sessions.setdefault(MAIN_SESSION, self._new_session())
+        return self._sessions.get(name)
+
     def _new_session(self, **overrides) -> Session:
         # Only what the user set: an unset heap must not make status report a mismatch nobody asked for.
+        snapshot = self.snapshot
         options = {**({"heap": self.heap} if self.heap else {}), **({"network": True} if self.network else {}),
-                   **({"snapshot": self.snapshot} if self.snapshot else {})}
+                   **({"snapshot": snapshot} if snapshot else {})}
         return Session(self.backend, self.config_dir or None, mode=self.mode, pool_size=self.pool_size,
                        **{**options, **overrides})
 
@@ -157,7 +177,13 @@ class Dhvm(Magics):
             if words[:1] in (["-s"], ["--session"]):
                 if len(words) < 3:
                     raise UsageError("usage: %dhvm -s SESSION COMMAND (e.g. %dhvm -s b tables)")
-                return self._in_session(words[1], lambda: self.dhvm(line.split(None, 2)[2]))
+                name = words[1]
+                if name != MAIN_SESSION and name not in self._sessions:
+                    # A line command asks about a session; only a cell (%%dhvm -s NAME) makes one.
+                    known = ", ".join(self._sessions) or "none yet"
+                    raise UsageError(f"no session named {name!r} in this notebook (sessions: {known}). A cell makes "
+                                     f"one: %%dhvm -s {name}, and %dhvm fork {name} makes one from this session")
+                return self._in_session(name, lambda: self.dhvm(line.split(None, 2)[2]))
             if words and words[0] in LINE_COMMANDS:
                 try:
                     words = shlex.split(line)  # a quoted path may hold spaces: --to "my data.parquet"
@@ -177,7 +203,7 @@ class Dhvm(Magics):
         from .vm.checkpoints import check_name
 
         if name != MAIN_SESSION:
-            check_name(name)  # a session name follows the rules of checkpoint names
+            check_name(name, "session")  # a session name follows the rules of checkpoint names
         outer, self._active = self._active, name
         try:
             return work()
@@ -272,17 +298,17 @@ class Dhvm(Magics):
                 raise UsageError("usage: %dhvm sessions")
             rows = [{"session": name, **s.summary()} for name, s in self._sessions.items()]
             cols = ["session", "running", "age_s", "heap_used_mb", "vm_rss_mb", "tables", "started_from", "backend", "mode"]
-            return pd.DataFrame([{k: r.get(k) for k in cols} for r in rows], columns=cols)
+            return pd.DataFrame([{k: r.get(k) for k in cols} for r in rows], columns=cols).astype({"tables": "Int64"})
         # fork NEW
         if len(rest) != 1:
             raise UsageError("usage: %dhvm fork NEW (then run cells in it with %%dhvm -s NEW)")
         new = rest[0]
-        checkpoints.check_name(new)
+        checkpoints.check_name(new, "session")
         if new in self._sessions and self._sessions[new].running:
             raise UsageError(f"a session named {new!r} is already running; stop it first (%dhvm -s {new} stop) "
                              f"or pick another name")
         t0 = time.perf_counter()
-        child = self.session.fork()
+        child = self.session.fork(origin=f"fork of {self._active}")
         old = self._sessions.pop(new, None)
         if old is not None:
             old.stop()

@@ -244,17 +244,21 @@ class Session:
         """The checkpoint every new server of this session starts from (None: the base snapshot)."""
         return self.backend_options.get("snapshot") or None
 
+    def check_snapshot(self, name: str) -> None:
+        """Refuse (saying why and what to do) a checkpoint this session's servers could not start from."""
+        from .vm import checkpoints
+
+        checkpoints.check_name(name)
+        if not getattr(self.backend, "can_checkpoint", False):
+            raise CheckpointError(self.backend.no_checkpoints())
+        self.backend.snapshot(name)  # a missing or incompatible checkpoint
+
     def set_snapshot(self, name: str | None) -> None:
         """Start every new server (and warm-pool VM) from checkpoint ``name`` (None: the base snapshot).
         Checked now; the running server is kept until the session is reset."""
-        from .vm import checkpoints
-
         with self._lock:
             if name:
-                checkpoints.check_name(name)
-                if not getattr(self.backend, "can_checkpoint", False):
-                    raise CheckpointError(self.backend.no_checkpoints())
-                self.backend.snapshot(name)  # refuses a missing or incompatible checkpoint, saying why
+                self.check_snapshot(name)
             self.backend_options["snapshot"] = name or None
             if self._backend is not None:
                 self._backend.start_from = name or None
@@ -313,8 +317,9 @@ class Session:
             self.live = new
             return new.info
 
-    def fork(self) -> "Session":
-        """A new session (same backend and settings) whose server starts from this one's state now."""
+    def fork(self, origin: str | None = None) -> "Session":
+        """A new session (same backend and settings) whose server starts from this one's state now;
+        ``origin``: what ``summary`` says it started from (default: fork of this session's instance)."""
         import secrets
 
         from . import checkpoint as cp
@@ -324,7 +329,7 @@ class Session:
             live = self._to_copy("fork", "%dhvm fork NEW")
             child = Session(self.backend_name, self.layout.home, mode="per-session",
                             **{**self.backend_options, "snapshot": self.snapshot})
-            origin = f"fork of {live.instance.id}"
+            origin = origin or f"fork of {live.instance.id}"
             if getattr(self.backend, "fork", None) is not None:  # a running VM copied into a new one (QEMU)
                 child.live = start_agent(child.backend, origin=origin,
                                          make=lambda: cp.fork(self.backend, live.instance, live.client))

@@ -111,6 +111,24 @@ def test_completion_of_vm_names_methods_and_columns(kernel):
     assert r["matches"] == ["Symbol"] and r["cursor_start"] == len(code) - 3
 
 
+def test_completion_in_dhvm_cells_asks_the_session_the_cell_names(kernel):
+    """In a %%dhvm cell (here in the microVM kernel) the body completes from the cell's own session:
+    -s NAME's, or main's; the first line is IPython's."""
+    _, kc = kernel
+    run(kc, "only_in_main = 1")
+    reply, _ = run(kc, "%%dhvm -s side\nonly_in_side = 2")
+    assert reply["status"] == "ok"
+    code = "%%dhvm -s side\nonly_in_s"
+    r = kc.complete(code, len(code), reply=True)["content"]
+    assert r["matches"] == ["only_in_side"] and r["cursor_start"] == len("%%dhvm -s side\n")
+    code = "%%dhvm\nonly_in_m"
+    r = kc.complete(code, len(code), reply=True)["content"]
+    assert r["matches"] == ["only_in_main"] and r["cursor_start"] == len("%%dhvm\n")
+    code = "%%dhvm -s nosuch\nonly_in"
+    assert kc.complete(code, len(code), reply=True)["content"]["matches"] == [], "a session was made by a Tab"
+    run(kc, "%dhvm -s side stop")
+
+
 def test_inspection_of_a_vm_table(kernel):
     _, kc = kernel
     run(kc, "from deephaven import empty_table\ninspected = empty_table(5).update(['Price = 1.5'])")

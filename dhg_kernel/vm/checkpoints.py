@@ -37,10 +37,11 @@ PARTIAL = ".partial-"
 SPACE_MARGIN_BYTES = 256 * 2**20
 
 
-def check_name(name: str) -> str:
-    """A checkpoint name is a file name: letters, digits, ``_.-``, up to 63, not starting with ``.`` or ``-``."""
+def check_name(name: str, what: str = "checkpoint") -> str:
+    """A checkpoint (or session) name is a file name: letters, digits, ``_.-``, up to 63, not starting
+    with ``.`` or ``-``."""
     if not isinstance(name, str) or not NAME.match(name):
-        raise UsageError(f"{name!r} is not a checkpoint name: use letters, digits, '_', '.' and '-' "
+        raise UsageError(f"{name!r} is not a {what} name: use letters, digits, '_', '.' and '-' "
                          f"(up to 63, starting with a letter or digit), e.g. loaded-2024")
     return name
 
