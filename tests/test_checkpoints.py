@@ -94,6 +94,18 @@ def test_a_save_that_cannot_fit_is_refused_saying_how_much_it_needs(tmp_path):
     checkpoints.check_space(tmp_path, 2**20)  # a small one fits
 
 
+def test_a_snapshot_that_cannot_be_used_is_refused_before_it_is_set_and_a_typo_makes_no_session(ip):
+    before = ip.run_line_magic("config", "Dhvm.snapshot")
+    ip.run_line_magic("config", "Dhvm.snapshot = 'nosuch'")  # IPython logs the TraitError
+    assert ip.run_line_magic("config", "Dhvm.snapshot") == before == ""
+    magics = ip.magics_manager.registry["Dhvm"]
+    with pytest.raises(UsageError, match=r"no session named 'tpyo'.*%%dhvm -s tpyo"):
+        ip.run_line_magic("dhvm", "-s tpyo tables")
+    with pytest.raises(UsageError, match="not a session name"):
+        ip.run_line_magic("dhvm", "fork a/b")
+    assert "tpyo" not in magics._sessions
+
+
 def test_while_the_agent_is_held_nothing_goes_either_way_and_questions_get_no_answer_at_once(session):
     """The checkpoint's quiet point, on a local agent (the protocol is the same in a VM): while held,
     the agent sends no live update and the host sends no question (Tab gets an empty answer at once);
