@@ -125,6 +125,10 @@ def main() -> None:
         for x in sessions:
             x.stop()
     finally:
+        # Every VM goes first: their run dirs are reached through home/vm, which the rmtree takes away.
+        from dhg_kernel.session import stop_all_sessions
+
+        stop_all_sessions()
         shutil.rmtree(home, ignore_errors=True)
 
 
