@@ -105,7 +105,9 @@ class Dhvm(Magics):
     @property
     def session(self) -> Session:
         """The session the running command or cell is for (``-s NAME``; else ``main``), made on first use."""
-        name = self._active
+        return self._named(self._active)
+
+    def _named(self, name: str) -> Session:
         if name not in self._sessions:
             self._sessions[name] = self._new_session()
         return self._sessions[name]
@@ -113,7 +115,7 @@ class Dhvm(Magics):
     def existing_session(self, name: str | None) -> Session | None:
         """The session called ``name`` (None: main, made on first use), or None if there is no such one."""
         if name in (None, MAIN_SESSION):
-            return self._sessions.get(MAIN_SESSION) or self._sessions.setdefault(MAIN_SESSION, self._new_session())
+            return self._named(MAIN_SESSION)
         return self._sessions.get(name)
 
     def _new_session(self, **overrides) -> Session:

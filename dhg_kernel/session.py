@@ -176,9 +176,9 @@ class Session:
     def running(self) -> bool:
         return self.live is not None
 
-    def _launch(self) -> ReadyAgent:
+    def _launch(self, checkpoint: str | None = None) -> ReadyAgent:
         reap_stale(self.layout)
-        return start_agent(self.backend)
+        return start_agent(self.backend, checkpoint)
 
     @property
     def pool(self) -> WarmPool:
@@ -309,8 +309,7 @@ class Session:
                                  f"with %config Dhvm.snapshot = '{name}'")
             if not getattr(self.backend, "can_checkpoint", False):
                 raise CheckpointError(self.backend.no_checkpoints())
-            reap_stale(self.layout)
-            new = start_agent(self.backend, checkpoint=name)
+            new = self._launch(name)
             if self.live is not None:
                 self.stop_live(reason=f"the session was restored from checkpoint {name}")
                 self.live.close()

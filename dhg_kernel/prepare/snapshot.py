@@ -18,7 +18,7 @@ from typing import Callable
 from ..client import AgentClient
 from ..config import DH_VERSION
 from ..errors import FirecrackerMissing, PrepareError
-from ..vm.base import ColdBoot, write_snapshot_metadata
+from ..vm.base import ColdBoot, file_tail, write_snapshot_metadata
 from ..vm.host import Check, choose_accel, host_checks
 from .runner import PhaseRunner, input_key
 
@@ -102,7 +102,7 @@ def _attempt(runner: PhaseRunner, phase: str, dh_version: str, final: Path, key:
             client.close()
     except Exception as e:  # noqa: BLE001 - every failure becomes a PrepareError with the console attached
         why = (f"cold boot or snapshot failed: {type(e).__name__}: {e}\n--- guest console (last lines) ---\n"
-               f"{_tail(vm.console)}\n--- {vm.vmm_log.name} ---\n{_tail(vm.vmm_log)}")
+               f"{file_tail(vm.console)}\n--- {vm.vmm_log.name} ---\n{file_tail(vm.vmm_log)}")
         if vm.console.exists():
             shutil.copyfile(vm.console, kept_console)
         vm.destroy()
@@ -272,15 +272,8 @@ def firecracker_snapshot(runner: PhaseRunner, dh_version: str = DH_VERSION, ram_
     return fcm.FcSnapshot.load_from(final, layout.vm)
 
 
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(none)"
-
-
 def _last_line(path: Path) -> str:
-    lines = [ln for ln in _tail(path, 5).splitlines() if ln.strip()]
+    lines = [ln for ln in file_tail(path, 5).splitlines() if ln.strip()]
     return lines[-1][:100] if lines else "(no console output yet)"
 
 

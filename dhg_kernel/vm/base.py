@@ -56,11 +56,7 @@ class Instance(ABC):
 
     def log_tail(self, lines: int = 25) -> str:
         """The end of the instance's log, for error messages."""
-        log = self.dir / "agent.log"
-        try:
-            return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return file_tail(self.dir / "agent.log", lines, "(no log)")
 
 
 class RestoredInstance(Instance):
@@ -117,10 +113,7 @@ class RestoredInstance(Instance):
 
     def log_tail(self, lines: int = 25) -> str:
         tail = super().log_tail(lines)
-        try:
-            vmm = "\n".join((self.log_dir / self.vmm_log).read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            vmm = ""
+        vmm = file_tail(self.log_dir / self.vmm_log, lines, "")
         return f"{tail}\n--- {self.vmm_log} ---\n{vmm}" if vmm.strip() else tail
 
 
@@ -195,6 +188,14 @@ class ColdBoot(ABC):
     @abstractmethod
     def destroy(self) -> None:
         """Kill the VMM and remove the cold boot's run directory. Idempotent."""
+
+
+def file_tail(path: Path, lines: int = 20, missing: str = "(none)") -> str:
+    """The last ``lines`` lines of a log file, for an error message (``missing`` if it cannot be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return missing
 
 
 def connect_unix(path: Path, timeout: float, is_alive=lambda: True, what: str = "the agent") -> socket.socket:

@@ -31,7 +31,7 @@ from ..errors import AgentStartError, BackendUnavailable, CheckpointError
 from ..instances import destroy, new_instance
 from . import checkpoints
 from .base import (SNAPSHOT_METADATA, Backend, ColdBoot, RestoredInstance, check_snapshot_inputs, connect_unix,
-                   file_stamp, new_key, read_snapshot_metadata, require_snapshot_files)
+                   file_stamp, file_tail, new_key, read_snapshot_metadata, require_snapshot_files)
 from .host import kvm_usable
 from .machine import DEFAULT_HEAP, DEFAULT_RAM_MB, GUEST_DH_PORT, guest_cmdline, host_tsc_khz
 from .qmp import Monitor, QMPCommandError
@@ -387,7 +387,7 @@ class QemuBackend(Backend):
                 write_s = time.perf_counter() - t_copy
         except Exception as e:
             raise CheckpointError(f"QEMU could not save the VM: {type(e).__name__}: {e}\n--- the saving QEMU's log ---\n"
-                                  f"{_read_tail(Path(rec.dir) / 'qemu.log')}") from None
+                                  f"{file_tail(Path(rec.dir) / 'qemu.log', 15)}") from None
         finally:
             if dest.poll() is None:
                 dest.kill()
@@ -636,13 +636,6 @@ def _migrate_paused(source: QemuInstance, dest_dir_name: str) -> dict:
                 src.execute("cont")
             except QMPCommandError:
                 pass  # the VM is gone: its session finds out at its next request
-
-
-def _read_tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(none)"
 
 
 def _ms(t0: float) -> float:
