@@ -189,6 +189,11 @@ def test_a_checkpoint_holds_the_tables_and_its_session_runs_on(loaded, ck_home):
     for p in (Path(ck_home) / "checkpoints" / "loaded").iterdir():
         assert p.stat().st_mode & 0o077 == 0, f"{p} is readable by others"
     assert (Path(ck_home) / "checkpoints").stat().st_mode & 0o077 == 0
+    if os.geteuid() == 0:  # another user cannot read it
+        mem = Path(ck_home) / "checkpoints" / "loaded" / "mem"
+        p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "head", "-c", "1", str(mem)],
+                           capture_output=True, text=True)
+        assert p.returncode != 0 and "Permission denied" in p.stderr
 
 
 @pytest.mark.slow
