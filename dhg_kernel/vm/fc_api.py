@@ -251,6 +251,12 @@ class FirecrackerAPI:
         except requests.ConnectionError as e:
             raise FirecrackerAPIError(method, path, 0, f"no answer on the API socket {self.socket_path} ({e})",
                                       "Firecracker exited or never started; see the instance's agent.log") from None
+        finally:
+            # One connection per request, closed here. requests_unixsocket keeps a pool per URL, so every
+            # API path would keep a connection open, and Firecracker's API server answers the 11th open
+            # connection "503 Too many open connections": the real v1.12.1 refused the snapshot create
+            # after a cold boot's eight calls that way.
+            self.session.close()
         if r.status_code >= 300:
             try:
                 fault = r.json().get("fault_message") or r.text
