@@ -25,17 +25,17 @@ from .vm import checkpoints as store
 HOLD_TIMEOUT_S = 30.0
 
 
-def save(backend: Backend, instance: Instance, client: AgentClient, name: str, overwrite: bool = False,
+def save(backend: Backend, instance: Instance, client: AgentClient | None, name: str, overwrite: bool = False,
          source: dict | None = None, temporary: bool = False) -> store.Checkpoint:
     """Save the running ``instance`` as checkpoint ``name``; it runs on afterwards.
 
     ``source``: what the checkpoint was made from (shown by ``checkpoint info``); ``temporary``: a
     fork's checkpoint, removed once the fork has started (and, if its maker dies first, by the next
-    listing)."""
+    listing). ``client`` None: a VM without our agent (the Firecracker tests' minimal guest), saved as is."""
     store.check_name(name)
     if not getattr(backend, "can_checkpoint", False):
         raise CheckpointError(backend.no_checkpoints())
-    if client.dead is not None:
+    if client is not None and client.dead is not None:
         raise CheckpointError(f"the session's server is gone ({client.dead}); nothing to checkpoint. "
                               f"Run a cell (it starts a fresh server), then checkpoint again")
     base = backend.base_snapshot()
@@ -57,7 +57,7 @@ def fork(backend: Backend, instance: Instance, client: AgentClient) -> Instance:
     """A second VM running on from ``instance``'s state now, held still around the copy as for a save,
     for backends that copy a running VM directly (QEMU: a migration into a new process). For the
     others, ``Session.fork`` goes through a temporary checkpoint instead."""
-    if client.dead is not None:
+    if client is not None and client.dead is not None:
         raise CheckpointError(f"the session's server is gone ({client.dead}); nothing to fork. "
                               f"Run a cell (it starts a fresh server), then fork again")
     direct = getattr(backend, "fork", None)
@@ -68,9 +68,12 @@ def fork(backend: Backend, instance: Instance, client: AgentClient) -> Instance:
 
 
 @contextlib.contextmanager
-def _held(client: AgentClient) -> Iterator[tuple[dict, Callable[[], None]]]:
+def _held(client: AgentClient | None) -> Iterator[tuple[dict, Callable[[], None]]]:
     """The agent held still: yields the hold's answer and a release to call as soon as the VM runs again
-    (called on the way out too, once in all)."""
+    (called on the way out too, once in all). No client, no agent: nothing to hold."""
+    if client is None:
+        yield {}, lambda: None
+        return
     held = client.hold(HOLD_TIMEOUT_S)
     released = []
 

@@ -226,6 +226,17 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _uid_gid(text: str) -> tuple[int, int]:
+    """``name``, ``uid`` or ``uid:gid`` -> (uid, gid); a name's or uid's group is its primary group."""
+    import pwd
+
+    user, _, group = text.partition(":")
+    if user.isdigit() and group.isdigit():
+        return int(user), int(group)
+    entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    return entry.pw_uid, int(group) if group else entry.pw_gid
+
+
 def cmd_prepare(args) -> int:
     if args.backend not in ("qemu", "firecracker", "auto"):
         print(f"dhvm prepare: images are built for the qemu and firecracker backends only (not {args.backend!r}); "
@@ -235,12 +246,23 @@ def cmd_prepare(args) -> int:
     if backend != "firecracker" and (args.firecracker or args.jailer or args.network):
         print("dhvm prepare: --firecracker, --jailer and --network need --backend firecracker", file=sys.stderr)
         return 2
+    jailer_user = None
+    if args.jailer_user:
+        if not args.jailer:
+            print("dhvm prepare: --jailer-user needs --jailer", file=sys.stderr)
+            return 2
+        try:
+            jailer_user = _uid_gid(args.jailer_user)
+        except (KeyError, ValueError) as e:
+            print(f"dhvm prepare: --jailer-user {args.jailer_user!r}: {e} — give a user name or UID[:GID]",
+                  file=sys.stderr)
+            return 2
     from .prepare import prepare
 
     prepare(Layout.resolve(args.config_dir), backend=backend, dh_version=args.dh_version, rebuild=args.rebuild,
             ram_mb=args.ram_mb, heap=args.heap, accel=args.accel, jvm_opts=args.jvm_opts,
             firecracker=args.firecracker, jailer=args.jailer, network=args.network,
-            fc_version=args.firecracker_version)
+            fc_version=args.firecracker_version, jailer_user=jailer_user)
     return 0
 
 
@@ -340,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "base URL from $DHG_FIRECRACKER_RELEASES)")
     p.add_argument("--jailer", metavar="PATH", default=None,
                    help="with --backend firecracker: run every restored VM under this jailer, chrooted per instance")
+    p.add_argument("--jailer-user", metavar="USER|UID[:GID]", default=None,
+                   help="with --jailer: the user (and group) each jailed Firecracker drops to; default: the caller "
+                        "(root). A dedicated unprivileged user is what the jailer is for")
     p.add_argument("--network", action="store_true",
                    help="with --backend firecracker: give the guest outbound network access (TAP in a network "
                         "namespace per VM, NAT; needs root and nftables). Off by default")

@@ -123,3 +123,19 @@ def browser():
         b = p.chromium.launch(executable_path=chromium, args=args)
         yield b
         b.close()
+
+
+@pytest.fixture
+def parent_netns():
+    """A network namespace standing in for the host, so the test never touches the real host's network."""
+    from dhg_kernel.vm import netns
+
+    reason = netns.why_not()
+    if reason:
+        pytest.skip(reason)
+    from pyroute2 import netns as pn
+
+    name = f"dhgt-{os.getpid()}"
+    pn.create(name)
+    yield name
+    pn.remove(name)

@@ -735,26 +735,6 @@ def test_init_and_backend_agree_on_the_agent_vsock_port():
 # -- guest networking (real, as root, inside namespaces the test creates) --------------------------
 
 
-def _net_skip():
-    from dhg_kernel.vm import netns
-
-    reason = netns.why_not()
-    if reason:
-        pytest.skip(reason)
-
-
-@pytest.fixture
-def parent_netns():
-    """A network namespace standing in for the host, so the test never touches the real host's network."""
-    _net_skip()
-    from pyroute2 import netns as pn
-
-    name = f"dhgt-{os.getpid()}"
-    pn.create(name)
-    yield name
-    pn.remove(name)
-
-
 def test_network_plumbing_is_created_then_torn_down(parent_netns, tmp_path):
     from dhg_kernel.vm import netns
 

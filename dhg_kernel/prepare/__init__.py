@@ -33,7 +33,7 @@ def prepare(layout: Layout, backend: str = "qemu", dh_version: str = DH_VERSION,
             progress: Progress | None = None, log_path: str | os.PathLike | None = None,
             ram_mb: int | None = None, heap: str | None = None, accel: str = "auto",
             jvm_opts: str | None = None, firecracker: str | None = None, jailer: str | None = None,
-            network: bool = False, fc_version: str | None = None):
+            network: bool = False, fc_version: str | None = None, jailer_user: tuple[int, int] | None = None):
     """Build (or bring up to date) the image and snapshot for ``backend``; returns the snapshot.
 
     ``backend="firecracker"`` builds the same image, then obtains Firecracker (``firecracker``: a
@@ -41,7 +41,8 @@ def prepare(layout: Layout, backend: str = "qemu", dh_version: str = DH_VERSION,
     host can run it, snapshots through its API (``network``: with a TAP device, off by default).
 
     Every phase reports its name and elapsed time through ``progress`` and logs to ``log_path``
-    (default ``Layout.prepare_log``); a failure raises PrepareError naming the phase.
+    (default ``Layout.prepare_log``); a failure raises PrepareError naming the phase. ``jailer_user``:
+    the (uid, gid) every jailed restore's Firecracker runs as (default: the caller's).
     ``ram_mb``/``heap`` size the guest and its JVM; ``jvm_opts`` are extra JVM flags (space-separated;
     None: ``-XX:TieredStopAtLevel=1`` under TCG, nothing under KVM).
     """
@@ -71,7 +72,7 @@ def prepare(layout: Layout, backend: str = "qemu", dh_version: str = DH_VERSION,
         ImageBuild(runner, dh_version).run_all()
         if backend == "firecracker":
             snap = firecracker_snapshot(runner, dh_version, ram_mb, heap, jvm_opts, firecracker, jailer, network,
-                                        fc_version)
+                                        fc_version, jailer_user)
         else:
             snap = qemu_snapshot(runner, dh_version, ram_mb, heap, accel, jvm_opts)
     timed(f"ready: {snap.dir} (log: {log})")

@@ -208,7 +208,8 @@ def qemu_snapshot(runner: PhaseRunner, dh_version: str = DH_VERSION, ram_mb: int
 
 def firecracker_snapshot(runner: PhaseRunner, dh_version: str = DH_VERSION, ram_mb: int | None = None,
                          heap: str | None = None, jvm_opts: str | None = None, binary: str | None = None,
-                         jailer: str | None = None, network: bool = False, fc_version: str | None = None):
+                         jailer: str | None = None, network: bool = False, fc_version: str | None = None,
+                         jailer_user: tuple[int, int] | None = None):
     """The Firecracker snapshot: obtain the binary, check the host, then cold-boot through its API."""
     from ..vm import firecracker as fcm
     from ..vm import netns
@@ -255,7 +256,7 @@ def firecracker_snapshot(runner: PhaseRunner, dh_version: str = DH_VERSION, ram_
                             boot_args=fcm.FcMachine.kernel_cmdline(heap, jvm_opts or "", network))
     version = ".".join(map(str, fc.version))
     key = input_key("fc-snapshot", runner.keys["image"], runner.keys["kernel"], version, machine.__dict__,
-                    WARMUP_CELLS, str(fc.jailer) if jailer else None)
+                    WARMUP_CELLS, str(fc.jailer) if jailer else None, list(jailer_user) if jailer_user else None)
     final = layout.firecracker_snapshots(dh_version)
     # The cold boot runs unjailed; restores run under the jailer recorded here (if one was given).
     launcher = fcm.Launcher(fc)
@@ -264,7 +265,8 @@ def firecracker_snapshot(runner: PhaseRunner, dh_version: str = DH_VERSION, ram_
 
     def build() -> None:
         def make(work: Path) -> ColdBoot:
-            return fcm.FcColdBoot(layout, launcher, machine, runner.log, restore_jailer=restore_jailer)
+            return fcm.FcColdBoot(layout, launcher, machine, runner.log, restore_jailer=restore_jailer,
+                                  restore_jailer_user=jailer_user if restore_jailer else None)
 
         cold_boot_and_save(runner, "fc-snapshot", dh_version, final, key, make)
 

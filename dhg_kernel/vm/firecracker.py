@@ -75,6 +75,9 @@ IFACE_ID = "eth0"
 SNAPSHOT_FORMAT = 1
 # A restore is a few hundred ms on KVM; this bounds a broken one.
 RESTORE_TIMEOUT_S = 30.0
+# The snapshot was taken with the agent listening, so a restored guest that refuses its vsock port
+# this long has no agent: give up then (vsock.connect) rather than at RESTORE_TIMEOUT_S.
+RESTORE_REFUSED_S = 3.0
 
 
 # -- the machine and the request bodies -----------------------------------------------------------
@@ -283,7 +286,7 @@ class FirecrackerInstance(RestoredInstance):
         return self.root / VSOCK_UDS
 
     def connect(self, timeout: float) -> socket.socket:
-        return vsock.connect(self.vsock_path, AGENT_VSOCK_PORT, timeout, self.alive)
+        return vsock.connect(self.vsock_path, AGENT_VSOCK_PORT, timeout, self.alive, refused_limit=RESTORE_REFUSED_S)
 
     def close_handles(self) -> None:
         if self.forwarder is not None:
@@ -335,13 +338,14 @@ class Launcher:
 
     def populate(self, root: Path, files: dict[str, Path]) -> None:
         """Put the artifacts in the root under their recorded names: symlinks in a run dir, hard
-        links in a chroot (a symlink would point outside it)."""
+        links in a chroot (a symlink would point outside it), each readable by the jail's user."""
         root.mkdir(parents=True, exist_ok=True)
         for name, target in files.items():
             dst = root / name
             if self.jailer is None:
                 os.symlink(target, dst)
             else:
+                self.grant_read(target)
                 try:
                     os.link(target, dst)
                 except OSError as e:
@@ -350,6 +354,21 @@ class Launcher:
         (root / FC_LOG).touch(mode=0o600)  # older Firecrackers open the log file without creating it
         if self.jailer is not None:
             os.chown(root / FC_LOG, self.uid, self.gid)
+
+    def grant_read(self, target: Path) -> None:
+        """Let the jailed Firecracker (``uid``:``gid``, often not the files' owner) read a file it must
+        open: the file gets the jail's group, read-only (g+r), and nothing else changes. A hard link is
+        the same inode, so this is done on the original, once."""
+        st = target.stat()
+        if self.uid in (0, st.st_uid) or (st.st_gid == self.gid and st.st_mode & 0o040):
+            return
+        try:
+            os.chown(target, -1, self.gid)
+            os.chmod(target, (st.st_mode & 0o7777) | 0o040)
+        except OSError as e:
+            raise BackendUnavailable(f"the jailer runs Firecracker as uid {self.uid}, gid {self.gid}, which cannot read "
+                                     f"{target}, and its group could not be set ({e}); run as root, or give the "
+                                     "jail a group that can read DHG_HOME/vm") from None
 
     def spawn(self, rec: InstanceRecord, plan: netns.NetPlan | None) -> subprocess.Popen:
         root = self.root(rec)
@@ -392,8 +411,8 @@ class FirecrackerBackend(Backend):
         self.dh_version = dh_version
         self.firecracker = firecracker
         self.jailer = jailer
-        self.jailer_uid = os.geteuid() if jailer_uid is None else jailer_uid
-        self.jailer_gid = os.getegid() if jailer_gid is None else jailer_gid
+        self.jailer_uid = jailer_uid
+        self.jailer_gid = jailer_gid
         self.network = network
         self.netns_parent = netns_parent
         self.restore_timeout = restore_timeout
@@ -482,10 +501,14 @@ class FirecrackerBackend(Backend):
         return None
 
     def launcher(self, fc: FirecrackerBinary) -> Launcher:
-        """Plain, or under the jailer given here or recorded by ``dhvm prepare --jailer``."""
-        chosen = self.jailer or self._snapshot_meta().get("jailer")
+        """Plain, or under the jailer given here or recorded by ``dhvm prepare --jailer``, dropping to
+        the uid/gid given here, else recorded by ``--jailer-user``, else the caller's."""
+        meta = self._snapshot_meta()
+        chosen = self.jailer or meta.get("jailer")
         jailer = Path(chosen) if chosen else None
-        return Launcher(fc, jailer, self.jailer_uid, self.jailer_gid)
+        uid, gid = meta.get("jailer_user") or (os.geteuid(), os.getegid())
+        return Launcher(fc, jailer, uid if self.jailer_uid is None else self.jailer_uid,
+                        gid if self.jailer_gid is None else self.jailer_gid)
 
     # -- start -------------------------------------------------------------------------------------
 
@@ -552,6 +575,7 @@ class FirecrackerBackend(Backend):
         return new_snapshot_meta(
             fc, snap.machine, self.layout.vm, files=snap.meta.get("files"), guest_port=GUEST_DH_PORT,
             jailer=snap.meta.get("jailer"), dh_version=self.dh_version, agent=snap.meta.get("agent"),
+            **({"jailer_user": snap.meta["jailer_user"]} if snap.meta.get("jailer_user") else {}),
             sizes=snapshot_sizes(work),
             timings={"save_s": round(time.perf_counter() - t0, 2), "paused_s": round(paused_s, 2)})
 
@@ -600,8 +624,10 @@ def _checkpoint_failure(failed: Exception | None, stuck: Exception | None, insta
 
 
 def restore(layout: Layout, launcher: Launcher, snap: FcSnapshot, network: bool = False,
-            timeout: float = RESTORE_TIMEOUT_S, netns_parent: str | None = None) -> FirecrackerInstance:
-    """One clone of ``snap`` in a run dir of its own: spawn, load, hand over clock and entropy, forward DH."""
+            timeout: float = RESTORE_TIMEOUT_S, netns_parent: str | None = None, agent: bool = True) -> FirecrackerInstance:
+    """One clone of ``snap`` in a run dir of its own: spawn, load, hand over clock and entropy, forward DH.
+    ``agent=False`` stops once the VM is loaded and resumed (for guests without our agent: the tests'
+    and the bench's minimal guest)."""
     t0 = time.perf_counter()
     rec = new_instance(layout, FirecrackerBackend.name)
     plan = None
@@ -623,7 +649,10 @@ def restore(layout: Layout, launcher: Launcher, snap: FcSnapshot, network: bool 
         inst.timings["api_ms"] = _ms(t0)
         send(inst.api, restore_calls(launcher.fc.version, network))
         inst.timings["loaded_ms"] = _ms(t0)
-        inst.handshake(vsock.connect(inst.vsock_path, AGENT_VSOCK_PORT, timeout, inst.alive), new_key(), timeout)
+        if not agent:
+            return inst
+        inst.handshake(vsock.connect(inst.vsock_path, AGENT_VSOCK_PORT, timeout, inst.alive,
+                                     refused_limit=RESTORE_REFUSED_S), new_key(), timeout)
         inst.forwarder = vsock.PortForwarder(inst.vsock_path, GUEST_DH_PORT)
         inst.timings["ready_ms"] = _ms(t0)
     except Exception as e:
@@ -658,10 +687,13 @@ class FcColdBoot(ColdBoot):
     relative paths restore in a chroot too."""
 
     def __init__(self, layout: Layout, launcher: "Launcher", machine: FcMachine, log: Callable[[str], None],
-                 netns_parent: str | None = None, restore_jailer: str | None = None):
+                 netns_parent: str | None = None, restore_jailer: str | None = None,
+                 restore_jailer_user: tuple[int, int] | None = None):
         self.layout = layout
         self.restore_jailer = restore_jailer
         """The jailer every restore of this snapshot runs under (recorded in its metadata), if any."""
+        self.restore_jailer_user = restore_jailer_user
+        """The (uid, gid) the jailer drops to for those restores (default: the restoring user's)."""
         self.launcher = launcher
         self.machine = machine
         self.log = log
@@ -705,13 +737,14 @@ class FcColdBoot(ColdBoot):
     def connect(self, timeout: float) -> socket.socket:
         return vsock.connect(self.root / VSOCK_UDS, AGENT_VSOCK_PORT, timeout, self.alive)
 
-    def save(self, work: Path, client: AgentClient) -> dict:
+    def save(self, work: Path, client: AgentClient | None) -> dict:
         """Pause, write vmstate + mem, move them into ``work`` (mem made read-only); returns the
-        snapshot's Firecracker part of the metadata."""
+        snapshot's Firecracker part of the metadata. ``client``: the agent's connection, if any."""
         assert self.api is not None
-        # A snapshot resets every vsock connection; closing ours first leaves the agent in accept().
-        client.close()
-        time.sleep(0.2)
+        if client is not None:
+            # A snapshot resets every vsock connection; closing ours first leaves the agent in accept().
+            client.close()
+            time.sleep(0.2)
         t0 = time.monotonic()
         send(self.api, snapshot_calls(self.launcher.fc.version))
         save_s = time.monotonic() - t0
@@ -721,6 +754,7 @@ class FcColdBoot(ColdBoot):
             os.chmod(work / name, 0o400)  # clones map it privately; nothing may ever write it
         return new_snapshot_meta(self.launcher.fc, self.machine, self.layout.vm, guest_port=GUEST_DH_PORT,
                                  jailer=self.restore_jailer, sizes=snapshot_sizes(work),
+                                 **({"jailer_user": list(self.restore_jailer_user)} if self.restore_jailer_user else {}),
                                  timings={"snapshot_s": round(save_s, 2)})
 
     def summary(self, meta: dict) -> str:

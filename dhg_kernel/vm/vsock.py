@@ -21,6 +21,7 @@ _MAX_REPLY = 64
 # A CONNECT that gets no answer at all within this long is retried (the peer is wedged).
 HANDSHAKE_TIMEOUT_S = 2.0
 RETRY_PAUSE_S = 0.02
+MAX_RETRY_PAUSE_S = 0.25
 # Forwarded connections: how long one client may wait for the guest to accept.
 FORWARD_CONNECT_TIMEOUT_S = 10.0
 _CHUNK = 1 << 16
@@ -56,29 +57,49 @@ def handshake(sock: socket.socket, port: int, timeout: float = HANDSHAKE_TIMEOUT
     return int(words[1])
 
 
-def connect(uds_path: Path, port: int, timeout: float, is_alive=lambda: True) -> socket.socket:
+def connect(uds_path: Path, port: int, timeout: float, is_alive=lambda: True,
+            refused_limit: float | None = None) -> socket.socket:
     """A stream to guest vsock ``port`` through ``uds_path``, retrying until ``timeout`` while the
-    socket is missing (Firecracker starting) or nothing listens yet (the guest coming up)."""
-    deadline = time.monotonic() + timeout
+    socket is missing (Firecracker starting) or nothing listens yet (the guest coming up).
+
+    Tries back off from RETRY_PAUSE_S to MAX_RETRY_PAUSE_S, so a guest that refuses at once is asked
+    a few dozen times, not thousands. ``refused_limit``: give up sooner once the guest has refused
+    every try for this long. A restored VM's agent was listening when the snapshot was taken, so a
+    refusal there means the agent is gone, and waiting out the whole timeout would only hang the cell."""
+    start = time.monotonic()
+    deadline = start + timeout
     last: Exception | None = None
+    tries = 0
+    refused_since: float | None = None
+    pause = RETRY_PAUSE_S
     while True:
         left = max(deadline - time.monotonic(), 0.05)
         sock = connect_unix(Path(uds_path), left, is_alive)
+        tries += 1
         try:
             handshake(sock, port, min(HANDSHAKE_TIMEOUT_S, left))
             return sock
         except (VsockNotListening, socket.timeout, OSError) as e:
             sock.close()
             last = e
+        now = time.monotonic()
+        if isinstance(last, VsockNotListening):
+            refused_since = now if refused_since is None else refused_since
+        else:
+            refused_since = None
         if not is_alive():
             raise AgentStartError(f"the VM exited before its agent listened on vsock port {port}")
-        if time.monotonic() >= deadline:
+        gave_up = refused_limit is not None and refused_since is not None and now - refused_since >= refused_limit
+        if now >= deadline or gave_up:
             if isinstance(last, VsockNotListening):
-                raise VsockNotListening(f"agent not listening on guest vsock port {port} via {uds_path} "
-                                        f"after {timeout:.0f}s") from None
+                raise VsockNotListening(
+                    f"agent not listening on guest vsock port {port} via {uds_path}: the guest refused "
+                    f"{tries} connection{'s' if tries != 1 else ''} over {now - start:.1f}s, so the agent in the "
+                    "VM is not running (its console, below, may say why)") from None
             raise AgentStartError(f"no hybrid-vsock connection to port {port} via {uds_path} within "
-                                  f"{timeout:.0f}s ({last})") from None
-        time.sleep(RETRY_PAUSE_S)
+                                  f"{timeout:.0f}s ({tries} tries; last: {last or 'no answer'})") from None
+        time.sleep(min(pause, max(deadline - now, 0)))
+        pause = min(pause * 2, MAX_RETRY_PAUSE_S)
 
 
 class PortForwarder:
