@@ -41,6 +41,7 @@ bench: setup
 	$(PY) bench/bench_qemu.py
 	$(PY) bench/bench_checkpoint.py
 	$(PY) bench/bench_rich.py
+	$(PY) bench/bench_firecracker.py --vmm --qemu-home $(HOME)/.dhg
 
 clean:
 	rm -rf build .pytest_cache

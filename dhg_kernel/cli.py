@@ -216,6 +216,9 @@ def cmd_status(args) -> int:
             st["details"] = get_backend(chosen, layout).describe()
         except DhvmError as e:
             st["details"] = {"error": str(e)}
+    if args.probe:
+        _probe_kvm(layout, st)
+    st["firecracker"] = _firecracker_status(layout, args.firecracker)
     st["instances"] = [{"id": r.id, "backend": r.backend, "owner_pid": r.owner_pid, "owner_alive": r.owner_alive,
                         **{k: v for k, v in r.info.items() if k in ("deephaven_url", "accel")}}
                        for r in list_instances(layout)]
@@ -224,6 +227,34 @@ def cmd_status(args) -> int:
     else:
         print(format_mapping(st))
     return 0
+
+
+def _probe_kvm(layout: Layout, st: dict) -> None:
+    """``--probe``: boot the guest kernel under KVM once more (at most 20 s) and keep what it said."""
+    from .vm.host import kvm_usable, probe_again
+    from .vm.qemu import qemu_binary
+
+    qemu = qemu_binary()
+    if not qemu or not layout.kernel.is_file() or not kvm_usable():
+        st["probe"] = ("not run: it needs QEMU, the prepared guest kernel (dhvm prepare) and access to /dev/kvm")
+        return
+    record = probe_again(layout, qemu)
+    st["probe"] = f"{'ok' if record['accel'] == 'kvm' else 'FAILED'}: {record['detail']}"
+
+
+def _firecracker_status(layout: Layout, binary: str | None) -> dict:
+    """Every Firecracker prerequisite, passed or failed, with the binary's version: what runs here and
+    what does not, even when another backend was chosen."""
+    from .vm.firecracker import FirecrackerBackend
+
+    backend = FirecrackerBackend(layout, firecracker=binary)
+    out = backend.describe()
+    out.pop("backend", None)
+    checks = out.get("checks", {})
+    if "kvm_create_vm" in checks and "kvm_boots_guest" not in checks:
+        checks["kvm_boots_guest"] = ("not probed yet: dhvm prepare boots the guest kernel under KVM once (at most "
+                                     "20 s) to find out")
+    return out
 
 
 def _uid_gid(text: str) -> tuple[int, int]:
@@ -337,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="which backend runs cells and why, the snapshot, live instances")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--probe", action="store_true",
+                   help="boot the guest kernel under KVM now (at most 20 s) to see whether this KVM runs a guest")
+    p.add_argument("--firecracker", metavar="PATH", default=None,
+                   help="check this Firecracker binary (default: the snapshot's, else PATH, else a downloaded release)")
     _add_common(p)
     p.set_defaults(func=cmd_status)
 

@@ -302,6 +302,30 @@ def find_firecracker(repo: Path) -> tuple[str | None, str]:
                   "or on PATH")
 
 
+def guest_refuses(vsock_path: Path, port: int = 52, timeout: float = 3.0) -> float:
+    """CONNECT to ``port`` through a clone's hybrid-vsock socket; the guest answers RST, so the host
+    sees the connection closed. Returns how long that took (an AssertionError if it never did, which
+    means the guest, its vsock device or Firecracker's muxer is not running)."""
+    import socket
+    import time
+
+    from dhg_kernel.vm.base import connect_unix
+
+    t0 = time.perf_counter()
+    s = connect_unix(Path(vsock_path), timeout)
+    try:
+        s.settimeout(timeout)
+        s.sendall(f"CONNECT {port}\n".encode())
+        try:
+            got = s.recv(64)
+        except socket.timeout:
+            raise AssertionError(f"no answer to CONNECT {port} within {timeout}s: the guest is not running") from None
+    finally:
+        s.close()
+    assert got == b"", f"unexpected reply {got!r}"
+    return time.perf_counter() - t0
+
+
 def wait_for_console(path: Path, text: str, timeout: float = 10.0) -> str:
     """The console once it holds ``text`` (the guest got that far); AssertionError with it otherwise."""
     import time

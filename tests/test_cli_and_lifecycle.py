@@ -203,3 +203,13 @@ def test_the_local_agents_temp_files_live_in_its_instance_dir(tmp_path):
     finally:
         s.stop()
     assert not inst_dir.exists()
+
+
+def test_prepare_refuses_a_jailer_user_without_a_jailer_or_one_that_does_not_exist(tmp_path):
+    home = tmp_path / "home"
+    p = dhvm("prepare", "--backend", "firecracker", "--jailer-user", "nobody", cwd=tmp_path, home=home, check=False)
+    assert p.returncode == 2 and "--jailer-user needs --jailer" in p.stderr
+    p = dhvm("prepare", "--backend", "firecracker", "--jailer", "/x/jailer", "--jailer-user", "no-such-user-dhg",
+             cwd=tmp_path, home=home, check=False)
+    assert p.returncode == 2 and "no-such-user-dhg" in p.stderr and "UID[:GID]" in p.stderr
+    assert not (home / "vm").exists()  # refused before anything was built

@@ -723,6 +723,22 @@ def test_prerequisite_checks_say_how_to_fix_each_failure(tmp_path):
         assert "KVM" in detail
 
 
+def test_a_binary_that_does_not_serve_its_api_fails_its_check_with_what_it_said(tmp_path):
+    from dhg_kernel.vm.fc_release import from_path
+    from dhg_kernel.vm.firecracker import api_check
+
+    exe = tmp_path / "firecracker"
+    exe.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "Firecracker v1.12.1"; exit 0; fi\n'
+                   'echo "boom: cannot open /dev/kvm"; exit 1\n')
+    exe.chmod(0o755)
+    before = set(os.listdir("/tmp"))
+    check = api_check(from_path(exe))
+    assert not check.ok and check.name == "firecracker_api"
+    assert "did not serve its API" in check.detail and "boom: cannot open /dev/kvm" in check.detail
+    assert "--api-sock" in check.fix
+    assert not [d for d in set(os.listdir("/tmp")) - before if d.startswith("dhg-fc-check-")]  # cleaned up
+
+
 def test_init_and_backend_agree_on_the_agent_vsock_port():
     from dhg_kernel.vm.firecracker import AGENT_VSOCK_PORT, FcMachine
 

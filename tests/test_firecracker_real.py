@@ -19,7 +19,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -84,27 +83,6 @@ def _restore(backend, snap=None, **kw):
 
     return restore(backend.layout, backend.launcher(backend.binary()), snap or backend.base_snapshot(),
                    agent=False, **kw)
-
-
-def guest_refuses(vsock_path: Path, port: int = 52, timeout: float = 3.0) -> float:
-    """CONNECT to ``port`` through a clone's hybrid-vsock socket; the test guest answers RST, so the
-    host sees the connection closed. Returns how long that took (an AssertionError if it never did,
-    which means the guest, its vsock device or Firecracker's muxer is not running)."""
-    from dhg_kernel.vm.base import connect_unix
-
-    t0 = time.perf_counter()
-    s = connect_unix(Path(vsock_path), timeout)
-    try:
-        s.settimeout(timeout)
-        s.sendall(f"CONNECT {port}\n".encode())
-        try:
-            got = s.recv(64)
-        except socket.timeout:
-            raise AssertionError(f"no answer to CONNECT {port} within {timeout}s: the guest is not running") from None
-    finally:
-        s.close()
-    assert got == b"", f"unexpected reply {got!r}"
-    return time.perf_counter() - t0
 
 
 def _state(inst) -> str:
@@ -231,7 +209,7 @@ def test_three_clones_restore_at_once_from_one_snapshot_and_never_write_it(base)
             assert c.vsock_path == c.root / VSOCK_UDS and c.vsock_path.is_socket()
             maps = _mapped_private(c.proc.pid, snap.mem)
             assert maps and all(line.split()[1].endswith("p") for line in maps), maps  # MAP_PRIVATE
-            guest_refuses(c.vsock_path)  # the restored guest runs and its vsock device answers
+            fcguest.guest_refuses(c.vsock_path)  # the restored guest runs and its vsock device answers
         print(f"\n  load times (process start -> resumed): {[c.timings['loaded_ms'] for c in clones]} ms",
               file=sys.stderr)
     finally:
@@ -278,7 +256,7 @@ def test_a_checkpoint_of_a_running_clone_restores_in_three_more_and_the_clone_ru
         assert [(m, p) for m, p, _ in inst.api.calls][-3:] == [("PATCH", "/vm"), ("PUT", "/snapshot/create"),
                                                                ("PATCH", "/vm")]
         assert _state(inst) == "Running"
-        guest_refuses(inst.vsock_path)  # it runs on after the save
+        fcguest.guest_refuses(inst.vsock_path)  # it runs on after the save
         snap = backend.snapshot("real-fc")
         assert snap.mem.stat().st_size == base_snap.machine.ram_mb * 2**20
         with ThreadPoolExecutor(3) as pool:
@@ -286,7 +264,7 @@ def test_a_checkpoint_of_a_running_clone_restores_in_three_more_and_the_clone_ru
         try:
             for c in clones:
                 assert _state(c) == "Running"
-                guest_refuses(c.vsock_path)
+                fcguest.guest_refuses(c.vsock_path)
         finally:
             for c in clones:
                 c.stop()
@@ -325,7 +303,7 @@ def test_the_real_jailer_chroots_each_clone_as_its_own_user_and_stop_leaves_noth
                 assert (root / name).stat().st_ino == target.stat().st_ino  # hard links, not copies
             assert (root / "dev" / "kvm").is_char_device()
             assert _state(c) == "Running"
-            guest_refuses(c.vsock_path)
+            fcguest.guest_refuses(c.vsock_path)
         # The jail can read the snapshot but not write it.
         assert snap.mem.stat().st_gid == NOBODY and not snap.mem.stat().st_mode & 0o222
     finally:
@@ -418,7 +396,7 @@ def test_network_the_real_binary_attaches_the_tap_in_each_clone_namespace(parent
                 assert link, f"no {netns.TAP_NAME} in {ns}"
                 assert ipr.get_links(link[0])[0].get_attr("IFLA_CARRIER") == 1  # attached: carrier up
             assert _state(c) == "Running"
-            guest_refuses(c.vsock_path)
+            fcguest.guest_refuses(c.vsock_path)
             load = [b for _, p, b in c.api.calls if p == "/snapshot/load"][0]
             assert load.get("network_overrides") == [
                 {"iface_id": "eth0", "host_dev_name": netns.TAP_NAME}]  # 1.12+: sent, and accepted
@@ -428,3 +406,56 @@ def test_network_the_real_binary_attaches_the_tap_in_each_clone_namespace(parent
             c.stop()
         _destroy_all(layout)
     assert not any(os.path.exists(f"{netns.NETNS_RUN_DIR}/{n}") for n in names)
+
+
+# -- what dhvm status says -------------------------------------------------------------------------
+
+
+def test_dhvm_status_names_the_binary_and_every_check_that_passes_or_fails(base):
+    from dhg_kernel.vm.host import probe_record
+
+    layout, fc, _ = base
+    version = ".".join(map(str, fc.version))
+
+    def status() -> dict:
+        p = subprocess.run([sys.executable, "-m", "dhg_kernel", "status", "--json", "--config-dir", str(layout.home),
+                            "--firecracker", FC_PATH], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)["firecracker"]
+
+    st = status()
+    assert st["firecracker_version"] == version and st["firecracker"] == str(fc.path)
+    checks = st["checks"]
+    assert checks["kvm_create_vm"].startswith("ok:")
+    assert checks["firecracker"].startswith("ok:") and version in checks["firecracker"]
+    assert checks["firecracker_api"].startswith("ok:") and f"vmm_version {version}" in checks["firecracker_api"]
+    assert checks["snapshot"].startswith("ok:")  # the test guest's snapshot, made by this binary
+    assert checks["kvm_boots_guest"].startswith("not probed yet")
+    # Once a probe boot has failed (as on this machine), status says so, with what the probe saw.
+    assert probe_record(layout) == {}
+    layout.accel_probe.write_text(json.dumps({"key": "k", "accel": "tcg", "detail": "it printed nothing"}))
+    try:
+        checks = status()["checks"]
+    finally:
+        layout.accel_probe.unlink()
+    assert checks["kvm_boots_guest"].startswith("FAILED:") and "it printed nothing" in checks["kvm_boots_guest"]
+    assert "dhvm prepare --backend qemu" in checks["kvm_boots_guest"]
+
+
+def test_restores_run_under_the_jailer_and_user_that_prepare_recorded(tmp_path):
+    from dhg_kernel.vm.base import write_snapshot_metadata
+    from dhg_kernel.vm.firecracker import FcSnapshot
+
+    layout, fc, meta = fcguest.make_home(tmp_path / "home", fc_path=FC_PATH)
+    d = layout.firecracker_snapshots()
+    write_snapshot_metadata(d, {**meta, "jailer": str(fc.jailer), "jailer_user": [NOBODY, NOBODY]})
+    assert FcSnapshot.load_from(d, layout.vm).meta["jailer_user"] == [NOBODY, NOBODY]
+    backend = _backend(layout)  # nothing about the jailer given here
+    inst = _restore(backend)
+    try:
+        assert (Path(inst.dir) / "jail").is_dir()
+        assert Path(f"/proc/{inst.proc.pid}/status").read_text().split("Uid:")[1].split()[0] == str(NOBODY)
+        fcguest.guest_refuses(inst.vsock_path)
+    finally:
+        inst.stop()
+        _destroy_all(layout)

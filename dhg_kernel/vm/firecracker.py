@@ -262,6 +262,50 @@ def kernel_check(layout: Layout) -> Check:
                  "run: dhvm prepare --backend firecracker")
 
 
+def api_check(fc: FirecrackerBinary, timeout: float = 5.0) -> Check:
+    """Start the binary with its API socket in a private temporary directory, ask ``GET /`` and stop
+    it: proves the binary runs on this host (its libc, seccomp filters, the socket), with no VM made.
+    The process dies with its parent (PR_SET_PDEATHSIG), so even a killed caller leaves none behind."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="dhg-fc-check-"))
+    proc: subprocess.Popen | None = None
+    api: FirecrackerAPI | None = None
+    t0 = time.perf_counter()
+    try:
+        with open(d / "out.log", "wb") as out:
+            proc = subprocess.Popen([str(fc.path), "--api-sock", API_SOCK, "--id", "dhg-check"], cwd=d,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, preexec_fn=_die_with_parent)
+        api = FirecrackerAPI(d / API_SOCK, fc.version)
+        api.wait_ready(timeout, is_alive=lambda: proc is not None and proc.poll() is None)
+        info = api.request("GET", "/", None) or {}
+        return Check("firecracker_api", True, f"it started and answered on its API socket in "
+                                              f"{(time.perf_counter() - t0) * 1000:.0f} ms (vmm_version "
+                                              f"{info.get('vmm_version')}, state {info.get('state')!r})")
+    except (FirecrackerAPIError, OSError) as e:
+        said = (d / "out.log").read_text(errors="replace").strip().splitlines()[-1:] if (d / "out.log").exists() else []
+        return Check("firecracker_api", False, f"{fc.path} did not serve its API here: "
+                     f"{getattr(e, 'fault', e)}" + (f" (it said: {said[0][:200]})" if said else ""),
+                     f"run it by hand to see why: {fc.path} --api-sock /tmp/fc-test.sock")
+    finally:
+        if api is not None:
+            api.close()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if proc is not None:
+            proc.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the child, between fork and exec: SIGKILL when the parent dies."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+
+
 # -- instances ------------------------------------------------------------------------------------
 
 
@@ -419,6 +463,7 @@ class FirecrackerBackend(Backend):
         self.heap_requested = heap
         self._fc: FirecrackerBinary | None = None
         self._snapshot: FcSnapshot | None = None
+        self._api_check: Check | None = None
 
     # -- checks ------------------------------------------------------------------------------------
 
@@ -476,6 +521,9 @@ class FirecrackerBackend(Backend):
         try:
             fc = self.binary()
             out.append(Check("firecracker", True, f"Firecracker {version_str(fc.version)} at {fc.path} ({fc.source})"))
+            if self._api_check is None:
+                self._api_check = api_check(fc)
+            out.append(self._api_check)
         except BackendUnavailable as e:
             out.append(Check("firecracker", False, str(e)))
         if self.jailer:
@@ -642,8 +690,10 @@ def restore(layout: Layout, launcher: Launcher, snap: FcSnapshot, network: bool 
             rec.save()
         root = launcher.root(rec)
         launcher.populate(root, {VMSTATE_NAME: snap.vmstate, MEM_NAME: snap.mem, ROOTFS_NAME: snap.disks[ROOT_DRIVE_ID]})
+        spawn_ms = _ms(t0)  # the VMM process (or its jailer) starts here
         proc = launcher.spawn(rec, plan)
         inst = FirecrackerInstance(rec, proc, root, snap)
+        inst.timings["spawn_ms"] = spawn_ms
         inst.api = open_api(root, launcher.fc)
         inst.api.wait_ready(is_alive=inst.alive)
         inst.timings["api_ms"] = _ms(t0)

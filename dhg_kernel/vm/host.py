@@ -65,11 +65,14 @@ def kvm_create_vm(path: str = "/dev/kvm") -> tuple[bool, str]:
         os.close(fd)
 
 
-def probe_kvm(qemu: str, kernel: Path, log: Callable[[str], None], timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Boot the guest kernel under KVM with no root disk: success is reaching the VFS mount panic."""
+def probe_kvm(qemu: str, kernel: Path, log: Callable[[str], None],
+              timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
+    """Boot the guest kernel under KVM with no root disk: success is reaching the VFS mount panic.
+    Returns (ok, what happened: the guest's or QEMU's last words)."""
     if not kvm_usable():
         log("kvm probe: /dev/kvm is not accessible")
-        return False
+        return False, "/dev/kvm is not accessible"
+    timed_out = False
     cmd = [qemu, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-machine", "microvm,acpi=on",
            "-accel", "kvm", "-cpu", "host", "-m", "256M", "-kernel", str(kernel),
            "-append", "console=ttyS0 panic=-1", "-serial", "stdio"]
@@ -78,17 +81,41 @@ def probe_kvm(qemu: str, kernel: Path, log: Callable[[str], None], timeout: floa
         out = r.stdout + r.stderr
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        timed_out = True
     ok = "VFS: Unable to mount root" in out or "Kernel panic - not syncing: VFS" in out
-    log(f"kvm probe: {'ok' if ok else 'failed'}; last output: {out.strip().splitlines()[-3:] if out.strip() else '(none)'}")
-    return ok
+    last = [line.strip() for line in out.strip().splitlines() if line.strip()][-2:]
+    if ok:
+        detail = "the guest kernel reached its root-mount panic, as it should"
+    else:
+        detail = (f"the guest kernel did not reach its root-mount panic within {timeout:.0f}s" if timed_out
+                  else "the probe VM ended early")
+        detail += (f"; its last output: {' | '.join(last)[:300]}" if last else "; it printed nothing")
+        detail += " (under a working KVM it gets there in well under a second)"
+    log(f"kvm probe: {'ok' if ok else 'failed'}: {detail}")
+    return ok, detail
 
 
 def probed_accel(layout: Layout) -> str | None:
     """The cached result ("kvm"/"tcg") of the last probe boot on this host, if any."""
+    return probe_record(layout).get("accel")
+
+
+def probe_record(layout: Layout) -> dict:
+    """The last probe boot's cached record: accel, and (since it was kept) what the probe saw."""
     try:
-        return json.loads(layout.accel_probe.read_text()).get("accel")
+        return json.loads(layout.accel_probe.read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+
+
+def probe_again(layout: Layout, qemu: str, log: Callable[[str], None] = lambda m: None) -> dict:
+    """Boot the prepared guest kernel under KVM now (capped at PROBE_TIMEOUT_S) and record what happened
+    beside the cached result, keeping its key (``dhvm status --probe``). Returns the new record."""
+    ok, detail = probe_kvm(qemu, layout.kernel, log)
+    record = {**probe_record(layout), "accel": "kvm" if ok else "tcg", "detail": detail}
+    layout.accel_probe.parent.mkdir(parents=True, exist_ok=True)
+    layout.accel_probe.write_text(json.dumps(record))
+    return record
 
 
 def choose_accel(layout: Layout, qemu: str, qemu_version: str, kernel: Path, kernel_inputs,
@@ -102,9 +129,10 @@ def choose_accel(layout: Layout, qemu: str, qemu_version: str, kernel: Path, ker
             return cached["accel"], False
     except (OSError, ValueError, KeyError):
         pass
-    accel = "kvm" if probe_kvm(qemu, kernel, log) else "tcg"
+    ok, detail = probe_kvm(qemu, kernel, log)
+    accel = "kvm" if ok else "tcg"
     layout.accel_probe.parent.mkdir(parents=True, exist_ok=True)
-    layout.accel_probe.write_text(json.dumps({"key": key, "accel": accel}))
+    layout.accel_probe.write_text(json.dumps({"key": key, "accel": accel, "detail": detail}))
     return accel, True
 
 
@@ -120,11 +148,14 @@ def host_checks(layout: Layout) -> list[Check]:
     if kvm_ok:
         ok, detail = kvm_create_vm()
         out.append(Check("kvm_create_vm", ok, detail, "the KVM module refuses to create a VM; check dmesg"))
-        probed = probed_accel(layout)
+        probe = probe_record(layout)
+        probed = probe.get("accel")
         if probed is not None:
+            why = f" ({probe['detail']})" if probe.get("detail") else ""
             out.append(Check("kvm_boots_guest", probed == "kvm",
                              "a probe boot under KVM reached the guest kernel" if probed == "kvm" else
-                             "a probe boot under KVM failed on this host (cached by dhvm prepare): this KVM "
-                             "cannot run a guest",
+                             f"a probe boot of the guest kernel under KVM failed on this host{why}: this KVM can "
+                             f"create VMs but cannot run a Linux guest (result cached by dhvm prepare in "
+                             f"{layout.accel_probe})",
                              "use a host with working (nested) KVM, or: dhvm prepare --backend qemu (TCG)"))
     return out

@@ -277,6 +277,7 @@ class QemuBackend(Backend):
                                  incoming=True)
         with open(os.path.join(rec.dir, "qemu.log"), "wb") as qlog:
             # umask 077: the sockets QEMU makes in the run dir are 0600 (the dir itself is 0700).
+            spawn_ms = _ms(t0)  # the VMM process starts here
             proc = subprocess.Popen(argv, cwd=rec.dir, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT,
                                     start_new_session=True, umask=0o077)
         rec.add_process(proc.pid, "qemu")
@@ -285,6 +286,7 @@ class QemuBackend(Backend):
                          **({"forked_from": fork_of.id} if fork_of else {})})
         rec.save()
         inst = QemuInstance(rec, proc, port, snap)
+        inst.timings["spawn_ms"] = spawn_ms
         try:
             # The monitor is only needed for the restore: it is closed in this thread (see vm/qmp.py).
             with inst.monitor(self.restore_timeout) as qmp:
