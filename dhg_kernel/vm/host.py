@@ -90,7 +90,7 @@ def probe_kvm(qemu: str, kernel: Path, log: Callable[[str], None],
         detail = (f"the guest kernel did not reach its root-mount panic within {timeout:.0f}s" if timed_out
                   else "the probe VM ended early")
         detail += (f"; its last output: {' | '.join(last)[:300]}" if last else "; it printed nothing")
-        detail += " (under a working KVM it gets there in well under a second)"
+        detail += ", where a working KVM gets there in well under a second"
     log(f"kvm probe: {'ok' if ok else 'failed'}: {detail}")
     return ok, detail
 
