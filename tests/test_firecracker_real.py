@@ -242,12 +242,13 @@ def test_a_restored_guest_without_an_agent_fails_fast_with_agent_not_listening(b
     assert list_instances(layout) == []  # the clone was stopped and its run dir removed
 
 
-def test_a_checkpoint_of_a_running_clone_restores_in_three_more_and_the_clone_runs_on(base):
+@pytest.mark.parametrize("jailed", [False, True], ids=["plain", "jailer"])
+def test_a_checkpoint_of_a_running_clone_restores_in_three_more_and_the_clone_runs_on(base, jailed):
     from dhg_kernel import checkpoint
     from dhg_kernel.vm import checkpoints as store
 
     layout, fc, _ = base
-    backend = _backend(layout)
+    backend = _jailed(layout, fc) if jailed else _backend(layout)
     base_snap = backend.base_snapshot()
     before = _digest(base_snap.mem)
     inst = _restore(backend)
