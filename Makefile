@@ -8,8 +8,10 @@ PY     := $(VENV)/bin/python
 setup: $(VENV)/.installed
 
 # System packages: Java for the local backend's Deephaven; QEMU and debootstrap for the microVMs;
-# nftables for Firecracker guest networking (NAT); chromium for the browser tests (driven by playwright).
-SYSTEM_PACKAGES := openjdk-17-jre-headless qemu-system-x86 debootstrap mmdebstrap lz4 e2fsprogs nftables chromium
+# nftables for Firecracker guest networking (NAT); chromium for the browser tests (driven by playwright);
+# binutils for the Firecracker tests' minimal guest; openssh-server for the cluster tests' hosts.
+SYSTEM_PACKAGES := openjdk-17-jre-headless qemu-system-x86 debootstrap mmdebstrap lz4 e2fsprogs nftables chromium \
+	binutils openssh-server
 
 $(VENV)/.installed: pyproject.toml
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

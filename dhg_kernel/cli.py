@@ -192,6 +192,10 @@ def cmd_checkpoint(args) -> int:
 
 
 def cmd_status(args) -> int:
+    if args.host:
+        from .cluster import remote_status
+
+        return remote_status(args.host, args.python, args.json)
     from .instances import list_instances
     from .vm import BACKENDS, choose_backend, why_not
 
@@ -240,6 +244,12 @@ def _probe_kvm(layout: Layout, st: dict) -> None:
         return
     record = probe_again(layout, qemu)
     st["probe"] = f"{'ok' if record['accel'] == 'kvm' else 'FAILED'}: {record['detail']}"
+
+
+def _cluster_run(args) -> int:
+    from .cluster import run
+
+    return run(args)
 
 
 def _firecracker_status(layout: Layout, binary: str | None) -> dict:
@@ -368,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="which backend runs cells and why, the snapshot, live instances")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--host", default=None, metavar="HOST",
+                   help="ask HOST over SSH instead (a cluster kernel's host: is it reachable and prepared?)")
+    p.add_argument("--python", default=None, metavar="PATH", help="with --host: the Python on HOST with dhg_kernel")
     p.add_argument("--probe", action="store_true",
                    help="boot the guest kernel under KVM now (at most 20 s) to see whether this KVM runs a guest")
     p.add_argument("--firecracker", metavar="PATH", default=None,
@@ -417,7 +430,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .kernelspec import add_location_args, run as kernel_run
 
     add_location_args(p)
-    p.set_defaults(func=kernel_run)
+    p.add_argument("--hosts", metavar="H1,H2,...", default=None,
+                   help="install the cluster kernel instead: each kernel starts on one of these hosts over SSH "
+                        "(gateway-provisioners' DistributedProvisioner); each host needs dhg_kernel[cluster] "
+                        "installed and dhvm prepare done")
+    p.add_argument("--balance", choices=["round-robin", "least-connection"], default="round-robin",
+                   help="with --hosts: how the next host is picked (default %(default)s)")
+    p.add_argument("--name", default=None, help="with --hosts: the kernelspec name (default dhvm-cluster)")
+    p.add_argument("--python", default=None, metavar="PATH",
+                   help="with --hosts: the Python on the hosts that has dhg_kernel (default: this one's path)")
+    p.set_defaults(func=lambda a: _cluster_run(a) if (a.hosts or a.name) else kernel_run(a))
 
     p = sub.add_parser("reap", help="destroy instances whose owner process is gone")
     _add_common(p)

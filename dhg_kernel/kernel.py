@@ -12,12 +12,14 @@ Completion and inspection of VM cells are answered by the guest from its live na
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 
 from ipykernel.ipkernel import IPythonKernel
 
 from . import __version__
+from .cluster import HOST_ENV, exit_after_shutdown
 from .errors import DhvmError
 from .magic import Dhvm
 
@@ -127,7 +129,10 @@ class DhvmKernel(IPythonKernel):
 
     def do_shutdown(self, restart):
         self.dhvm.close()  # the VM goes with the kernel; a restart gets a fresh one
-        return super().do_shutdown(restart)
+        reply = super().do_shutdown(restart)
+        if os.environ.get(HOST_ENV):  # started on a cluster host by the launcher (see cluster.py)
+            exit_after_shutdown()
+        return reply
 
 
 def main() -> None:

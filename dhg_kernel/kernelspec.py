@@ -40,16 +40,16 @@ def install(user: bool = False, prefix: str | None = None, python: str | None = 
         return KernelSpecManager().install_kernel_spec(str(src), KERNEL_NAME, user=user, prefix=prefix, replace=True)
 
 
-def uninstall() -> str:
-    """Remove the kernelspec (wherever Jupyter finds it); returns the directory removed."""
+def uninstall(name: str = KERNEL_NAME) -> str:
+    """Remove the kernelspec ``name`` (wherever Jupyter finds it); returns the directory removed."""
     from jupyter_client.kernelspec import KernelSpecManager
 
     ksm = KernelSpecManager()
-    path = ksm.find_kernel_specs().get(KERNEL_NAME)
+    path = ksm.find_kernel_specs().get(name)
     if path is None:
-        raise UsageError(f"no '{KERNEL_NAME}' kernelspec is installed (see: jupyter kernelspec list); "
+        raise UsageError(f"no '{name}' kernelspec is installed (see: jupyter kernelspec list); "
                          f"to install it: dhvm kernel install")
-    ksm.remove_kernel_spec(KERNEL_NAME)
+    ksm.remove_kernel_spec(name)
     return path
 
 
