@@ -237,7 +237,7 @@ def install(hosts: list[str], name: str = DEFAULT_NAME, balance: str = "round-ro
         (src / "kernel.json").write_text(json.dumps(spec, indent=1))
         if not user and prefix is None:
             prefix = sys.prefix
-        return KernelSpecManager().install_kernel_spec(str(src), name, user=user, prefix=prefix, replace=True)
+        return KernelSpecManager().install_kernel_spec(str(src), name, user=user, prefix=prefix)
 
 
 def run(args) -> int:

@@ -37,7 +37,7 @@ def install(user: bool = False, prefix: str | None = None, python: str | None = 
         (src / "kernel.json").write_text(json.dumps(spec, indent=1))
         if not user and prefix is None:
             prefix = sys.prefix
-        return KernelSpecManager().install_kernel_spec(str(src), KERNEL_NAME, user=user, prefix=prefix, replace=True)
+        return KernelSpecManager().install_kernel_spec(str(src), KERNEL_NAME, user=user, prefix=prefix)
 
 
 def uninstall(name: str = KERNEL_NAME) -> str:

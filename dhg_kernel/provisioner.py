@@ -24,19 +24,30 @@ class DhvmDistributedProvisioner(DistributedProvisioner):
         return await super().launch_kernel(cmd, **kwargs)
 
     def _determine_next_host(self, env_dict: dict) -> str:
-        """The next host as the balancing algorithm says, skipping hosts that failed a moment ago
-        (unless every host did, or one was asked for by name)."""
+        """The next host as the balancing algorithm says, skipping hosts that could not take a kernel a
+        moment ago (unless every host failed). Least-connection is done here too: upstream never
+        initialises its per-host counts (``min()`` of an empty sequence) and would pick from every host any
+        kernelspec ever named, not just this one's."""
         if env_dict.get("KERNEL_REMOTE_HOST"):
             return super()._determine_next_host(env_dict)
         now = time.monotonic()
-        for _ in range(len(self.remote_hosts)):
-            host = super()._determine_next_host(env_dict)
-            if self.down_until.get(host, 0) <= now:
+        hosts = list(self.remote_hosts)
+        up = [h for h in hosts if self.down_until.get(h, 0) <= now] or hosts
+        for h in hosts:
+            if h not in up:
+                self.log.warning(f"dhvm: skipping host {h}: it could not take a kernel "
+                                 f"{DOWN_FOR_S - (self.down_until[h] - now):.0f}s ago")
+        if self.least_connection:
+            counts = DistributedProvisioner.kernel_on_host._host_kernels
+            host = min(up, key=lambda h: counts.get(h, 0))
+            DistributedProvisioner.kernel_on_host.add_kernel_id(host, self.kernel_id)
+            return host
+        for _ in range(len(hosts)):
+            host = hosts[DistributedProvisioner.host_index % len(hosts)]
+            DistributedProvisioner.host_index += 1
+            if host in up:
                 return host
-            self._unregister_assigned_host()
-            self.log.warning(f"dhvm: skipping host {host}: it could not take a kernel "
-                             f"{DOWN_FOR_S - (self.down_until[host] - now):.0f}s ago")
-        return super()._determine_next_host(env_dict)
+        return host
 
     def _build_startup_command(self, cmd: list[str], **kwargs: Any) -> list[str]:
         startup = super()._build_startup_command(cmd, **kwargs)
