@@ -58,6 +58,8 @@ class DhvmDistributedProvisioner(DistributedProvisioner):
         # After the kernelspec's exports (the host's check sees the same environment as the kernel).
         check = (f"{shlex.quote(cmd[0])} -m dhg_kernel.cluster check || exit 0; "
                  f"export {HOST_ENV}={shlex.quote(self.assigned_host)}; nohup")
+        # The kernel must not hold the SSH channel's stdin, or the host's sshd session lives as long as it does.
+        startup = startup.replace(" >> ", " < /dev/null >> ", 1)
         return f"cd {cwd} 2>/dev/null || {{ echo {refused}; exit 0; }}; " + startup.replace("nohup", check, 1)
 
     def _launch_remote_process(self, cmd: list[str], **kwargs: Any):
@@ -81,6 +83,14 @@ class DhvmDistributedProvisioner(DistributedProvisioner):
             raise RuntimeError(f"host {host} cannot take a Deephaven microVM kernel: {why}. Fix: {fix}. The next "
                                f"launches skip {host} for {DOWN_FOR_S:.0f}s")
         return result
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """Also remove the connection file the launcher left on the host (0600, but litter) when the kernel
+        could not remove it itself (killed)."""
+        if self.kernel_id and self.pid and self.pid > 0:
+            await self._on_host(f'rm -f "${{TMPDIR:-/tmp}}"/kernel-{shlex.quote(str(self.kernel_id))}_*.json; echo done',
+                                "done")
+        await super().cleanup(restart)
 
     # -- is it alive, and signals, once the launcher's listener is gone -------------------------------
     #

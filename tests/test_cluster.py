@@ -156,6 +156,10 @@ def _instances(host) -> list[str]:
     return sorted(p.name for p in run.iterdir()) if run.is_dir() else []
 
 
+def _sshd_pid(h) -> int:
+    return int((h.dir / "sshd.pid").read_text())
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -228,6 +232,7 @@ def test_four_kernels_land_round_robin_run_tables_and_files_interrupt_restart_an
         _wait(lambda: not k.km.is_alive(), 30, "jupyter_client noticed the dead kernel")
     finally:
         pids = [k.pid for k in kernels]
+        kids = [k.km.kernel_id for k in kernels]
         for k in kernels:
             k.stop()
     _wait(lambda: not any(_alive(p) for p in pids), 20, "every kernel process ended")
@@ -235,8 +240,13 @@ def test_four_kernels_land_round_robin_run_tables_and_files_interrupt_restart_an
     left = subprocess.run(["pgrep", "-f", f"{cluster.hosts[0].home}|{cluster.hosts[1].home}"], capture_output=True,
                           text=True).stdout.split()
     assert not [p for p in left if int(p) != os.getpid()], f"processes of the hosts left: {left}"
-    assert not list(Path("/tmp").glob("kernel-*_*.json")) or all(
-        not any(str(p) in f.name for p in pids) for f in Path("/tmp").glob("kernel-*_*.json"))
+    # The connection files the launcher wrote on the hosts, also the killed kernel's.
+    assert not [f for kid in kids for f in Path("/tmp").glob(f"kernel-{kid}_*.json")]
+
+    def only_sshd(h) -> bool:  # no SSH session left on a host (a kernel must not hold its channel)
+        pids = subprocess.run(["ip", "netns", "pids", h.netns], capture_output=True, text=True).stdout.split()
+        return pids == [str(h.proc.pid)] or [int(p) for p in pids] == [_sshd_pid(h)]
+    _wait(lambda: only_sshd(h1) and only_sshd(h2), 15, "only each host's sshd runs in it")
 
 
 def test_least_connection_spreads_kernels_and_counts_them_back_down(cluster):
