@@ -44,6 +44,7 @@ bench: setup
 	$(PY) bench/bench_checkpoint.py
 	$(PY) bench/bench_rich.py
 	$(PY) bench/bench_firecracker.py --vmm --qemu-home $(HOME)/.dhg
+	$(PY) bench/bench_cluster.py --home $(HOME)/.dhg
 
 clean:
 	rm -rf build .pytest_cache

@@ -191,7 +191,7 @@ def remote_status(host: str, python: str | None = None, as_json: bool = False) -
 
 
 def kernelspec(hosts: list[str], balance: str = "round-robin", python: str | None = None,
-               display_name: str = DISPLAY_NAME, launch_timeout: int = 60) -> dict:
+               display_name: str = DISPLAY_NAME, launch_timeout: int = 120) -> dict:
     """The kernel.json of a cluster kernel over ``hosts``."""
     if not hosts or any(not h or "," in h or h.strip() != h for h in hosts):
         raise UsageError(f"--hosts wants host names separated by commas, like --hosts h1,h2 (got {hosts!r})")

@@ -21,7 +21,13 @@ class DhvmDistributedProvisioner(DistributedProvisioner):
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any):
         self._dhvm_cwd = kwargs.get("cwd") or os.getcwd()
-        return await super().launch_kernel(cmd, **kwargs)
+        try:
+            return await super().launch_kernel(cmd, **kwargs)
+        except BaseException:
+            # Started but never reported back (a launch timeout): end it on its host, or it runs on unowned.
+            if self.pid and self.pid > 0:
+                await self._on_host(f"kill -9 {int(self.pid)} 2>/dev/null; echo sent", "sent")
+            raise
 
     def _determine_next_host(self, env_dict: dict) -> str:
         """The next host as the balancing algorithm says, skipping hosts that could not take a kernel a
