@@ -439,7 +439,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="with --hosts: the kernelspec name (default dhvm-cluster)")
     p.add_argument("--python", default=None, metavar="PATH",
                    help="with --hosts: the Python on the hosts that has dhg_kernel (default: this one's path)")
-    p.set_defaults(func=lambda a: _cluster_run(a) if (a.hosts or a.name) else kernel_run(a))
+    p.add_argument("--kubernetes", metavar="IMAGE", default=None,
+                   help="install a kernel that runs in a Kubernetes pod from IMAGE (gateway-provisioners' "
+                        "KubernetesProvisioner; build the image with k8s/Dockerfile)")
+    p.add_argument("--kvm", choices=["device-plugin", "privileged"], default="device-plugin",
+                   help="with --kubernetes: how the pod gets /dev/kvm (default %(default)s; privileged gives the pod "
+                        "every device of its node)")
+    p.add_argument("--home-claim", default="dhvm-home",
+                   help="with --kubernetes: the ReadWriteMany volume claim holding DHG_HOME (default %(default)s)")
+    p.set_defaults(func=lambda a: _cluster_run(a) if (a.hosts or a.name or a.kubernetes) else kernel_run(a))
 
     p = sub.add_parser("reap", help="destroy instances whose owner process is gone")
     _add_common(p)

@@ -200,13 +200,17 @@ def kernelspec(hosts: list[str], balance: str = "round-robin", python: str | Non
     return {
         "argv": [python or sys.executable, "-m", "dhg_kernel.cluster", "launch", "--kernel-id", "{kernel_id}",
                  "--port-range", "{port_range}", "--response-address", "{response_address}",
-                 "--public-key", "{public_key}", "--kernel-class-name", KERNEL_CLASS],
+                 "--public-key", "{public_key}", "--transport-encryption", "{transport_encryption}",
+                 "--kernel-class-name", KERNEL_CLASS],
         "display_name": display_name,
         "language": "python",
         "interrupt_mode": "signal",
         "env": {},
         "metadata": {
             "debugger": False,
+            # The kernel's ZMQ traffic crosses the network: CurveZMQ when jupyter_client can (gateway-provisioners
+            # hands the keys over encrypted with the connection info).
+            "supported_encryption": ["curve"],
             "kernel_provisioner": {"provisioner_name": PROVISIONER_NAME,
                                    "config": {"remote_hosts": list(hosts), "load_balancing_algorithm": balance,
                                               "launch_timeout": launch_timeout}},
@@ -240,10 +244,61 @@ def install(hosts: list[str], name: str = DEFAULT_NAME, balance: str = "round-ro
         return KernelSpecManager().install_kernel_spec(str(src), name, user=user, prefix=prefix)
 
 
+K8S_NAME = "dhvm-k8s"
+K8S_DISPLAY_NAME = "Deephaven microVM (Kubernetes)"
+KVM_MODES = ("device-plugin", "privileged")
+
+
+def pod_template() -> Path:
+    """The kernel pod's template shipped with the package (``k8s/kernel-pod.yaml.j2``)."""
+    from importlib import resources
+
+    return Path(str(resources.files("dhg_kernel.kubernetes_data") / "kernel-pod.yaml.j2"))
+
+
+def install_kubernetes(image: str, name: str = K8S_NAME, kvm: str = "device-plugin", home_claim: str = "dhvm-home",
+                       backend: str = "firecracker", user: bool = False, prefix: str | None = None) -> str:
+    """A kernelspec for gateway-provisioners' ``KubernetesProvisioner``: its own installer
+    (``jupyter-k8s-spec``) writes the spec and its launcher, then our pod template replaces its
+    generic one and the spec's env picks the KVM mode, the DHG_HOME claim and the backend."""
+    import subprocess
+
+    if kvm not in KVM_MODES:
+        raise UsageError(f"--kvm must be one of {', '.join(KVM_MODES)} (got {kvm!r})")
+    if not image or any(c.isspace() for c in image):
+        raise UsageError(f"--kubernetes wants a container image name, like registry.example.com/dhvm-kernel:0.1.0 "
+                         f"(got {image!r}); build it with k8s/Dockerfile")
+    launcher_script()  # gateway-provisioners must be here
+    where = ["--user"] if user else ["--prefix", prefix or sys.prefix]
+    p = subprocess.run([sys.executable, "-m", "gateway_provisioners.cli.k8s_specapp", "install", "--kernel-name", name,
+                        "--display-name", K8S_DISPLAY_NAME if name == K8S_NAME else f"{K8S_DISPLAY_NAME}: {name}",
+                        "--image-name", image, "--ipykernel-subclass-name", KERNEL_CLASS, *where],
+                       capture_output=True, text=True)
+    found = [ln.split(" in ", 1)[1].strip() for ln in p.stderr.splitlines() if "Installed kernelspec" in ln]
+    if p.returncode or not found:
+        raise UsageError(f"jupyter-k8s-spec could not install the kernelspec: {(p.stderr or p.stdout).strip()[-500:]}")
+    spec_dir = Path(found[-1])
+    (spec_dir / "scripts" / "kernel-pod.yaml.j2").write_text(pod_template().read_text())
+    spec = json.loads((spec_dir / "kernel.json").read_text())
+    spec["env"].update({"KERNEL_DHVM_KVM": kvm, "KERNEL_DHVM_HOME_CLAIM": home_claim, "KERNEL_DHVM_BACKEND": backend})
+    spec["metadata"]["kernel_provisioner"]["config"]["launch_timeout"] = 300  # an image pull, then prepare's check
+    spec["metadata"]["dhg_kernel"] = {"about": "every cell runs in a Deephaven server inside a microVM in a kernel pod",
+                                      "kvm": kvm, "home_claim": home_claim}
+    (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+    return str(spec_dir)
+
+
 def run(args) -> int:
     """``dhvm kernel install|uninstall --hosts/--name``: the cluster kernelspec."""
     from .kernelspec import uninstall
 
+    if getattr(args, "kubernetes", None) and args.action == "install":
+        name = args.name or K8S_NAME
+        path = install_kubernetes(args.kubernetes, name, args.kvm, args.home_claim, user=args.user, prefix=args.prefix)
+        print(f"installed kernelspec '{name}' ({K8S_DISPLAY_NAME}, image {args.kubernetes}, /dev/kvm by {args.kvm}, "
+              f"DHG_HOME on claim {args.home_claim}) in {path}\nit needs Jupyter to run with gateway-provisioners' "
+              "Kubernetes access (pip install 'gateway-provisioners[k8s]'); see README, 'Many hosts'")
+        return 0
     name = args.name or DEFAULT_NAME
     if args.action == "uninstall":
         print(f"removed kernelspec '{name}' from {uninstall(name)}")

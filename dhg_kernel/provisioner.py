@@ -29,6 +29,15 @@ class DhvmDistributedProvisioner(DistributedProvisioner):
                 await self._on_host(f"kill -9 {int(self.pid)} 2>/dev/null; echo sent", "sent")
             raise
 
+    def _resolve_transport_encryption(self, policy: str | None) -> None:
+        """CurveZMQ by default: the kernel's ZMQ traffic crosses the network between hosts. Only an explicit
+        ``transport_encryption='disabled'`` (launch argument, or the kernel manager's trait when set to
+        something else than its default) turns it off."""
+        if policy is None:
+            chosen = getattr(self.parent, "transport_encryption", None)
+            policy = "auto" if chosen in (None, "", "disabled") else chosen
+        super()._resolve_transport_encryption(policy)
+
     def _determine_next_host(self, env_dict: dict) -> str:
         """The next host as the balancing algorithm says, skipping hosts that could not take a kernel a
         moment ago (unless every host failed). Least-connection is done here too: upstream never

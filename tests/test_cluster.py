@@ -188,6 +188,9 @@ def test_four_kernels_land_round_robin_run_tables_and_files_interrupt_restart_an
         assert [w["cluster_host"] for w in where] == [h1.ip, h2.ip, h1.ip, h2.ip]
         assert [w["test_host"] for w in where] == ["host1", "host2", "host1", "host2"]  # sshd's own env: really there
         assert all(w["cwd"] == str(cluster.work) for w in where)  # started in the notebook's directory
+        for k in kernels:  # the ZMQ traffic between hosts is CurveZMQ-encrypted by default
+            log = (cluster.logs / f"kernel-{k.km.kernel_id}.log").read_text()
+            assert '"curve_publickey"' in log and "without encryption" not in log
         for k, w in zip(kernels, where):
             assert w["home"] == str((h1 if w["test_host"] == "host1" else h2).home)
             status, text, _ = k.run("from deephaven import read_csv\nt = read_csv('trades.csv')\nprint('rows', t.size)")

@@ -1,0 +1,1 @@
+"""Kubernetes files shipped with dhg_kernel: the kernel pod template and the image definition."""
