@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from .config import CLUSTER_HOST_ENV
 from .errors import UsageError
 
 PROVISIONER_NAME = "dhvm-distributed-provisioner"
@@ -41,7 +42,7 @@ BALANCE = ("round-robin", "least-connection")
 DOWN_FOR_S = 60.0
 # The first line a host prints instead of a pid when it cannot take the kernel.
 REFUSED = "DHVM-REFUSED:"
-HOST_ENV = "DHG_CLUSTER_HOST"
+HOST_ENV = CLUSTER_HOST_ENV
 
 
 # -- the launcher, on each host -----------------------------------------------------------------------

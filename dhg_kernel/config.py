@@ -10,6 +10,8 @@ DH_VERSION = "42.7"
 DEFAULT_MAX_ROWS = 1000
 DEFAULT_MAX_PUSH_MB = 50.0
 DEFAULT_TIMEOUT_S = 0.0  # 0: no limit
+# Set in a cluster kernel's environment (dhg_kernel.cluster) to the host it was started on.
+CLUSTER_HOST_ENV = "DHG_CLUSTER_HOST"
 DEFAULT_BACKEND = "auto"  # firecracker if it can run, else qemu (with a prepared snapshot), else local
 DEFAULT_MODE = "per-session"
 DEFAULT_DTYPE_BACKEND = "numpy_nullable"

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 from . import protocol as P
 from .client import AgentClient
-from .config import (CANCEL_GRACE_S, DEFAULT_BACKEND, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_ROWS, QUESTION_DEADLINE_S,
+from .config import (CANCEL_GRACE_S, CLUSTER_HOST_ENV, DEFAULT_BACKEND, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_ROWS, QUESTION_DEADLINE_S,
                      STREAM_CANCEL_GRACE_S, Layout)
 from .errors import (AgentDied, AgentRefused, AgentStartError, AgentUnresponsive, AnswerAbandoned, CheckpointError,
                      DhvmError, UsageError)
@@ -762,6 +762,9 @@ class Session:
         """What ``%dhvm status`` shows: backend, instance, server, without starting anything."""
         out = {"backend": self.backend_name, "mode": self.mode, "running": self.running,
                "dhg_home": str(self.layout.home)}
+        cluster_host = os.environ.get(CLUSTER_HOST_ENV)
+        if cluster_host:
+            out["cluster_host"] = f"{cluster_host} (this kernel and its VMs run there)"
         if self._pool is not None:
             out["warm_pool"] = self._pool.describe()
         if self.passed_over:
@@ -774,6 +777,11 @@ class Session:
             out["instance"] = self.instance.describe()
             out["server"] = self.info.get("server")
             out["web_ide"] = self.deephaven_url()
+            addr = self.deephaven_address()
+            if cluster_host and addr:
+                # The server's port is on the kernel host's loopback, not on the machine of the browser.
+                out["web_ide_from_your_machine"] = (f"first run: ssh -N -L {addr[1]}:127.0.0.1:{addr[1]} {cluster_host} "
+                                                    "(then open web_ide)")
             out["deephaven_version"] = self.info.get("deephaven_version")
             out["files_pushed"] = len(self.pushed)
             out["started_from"] = f"checkpoint {self.live.checkpoint}" if self.live.checkpoint else "base snapshot"

@@ -188,6 +188,9 @@ def test_four_kernels_land_round_robin_run_tables_and_files_interrupt_restart_an
         assert [w["cluster_host"] for w in where] == [h1.ip, h2.ip, h1.ip, h2.ip]
         assert [w["test_host"] for w in where] == ["host1", "host2", "host1", "host2"]  # sshd's own env: really there
         assert all(w["cwd"] == str(cluster.work) for w in where)  # started in the notebook's directory
+        status, text, _ = kernels[1].run("%dhvm status")
+        assert status == "ok" and f"cluster_host: {h2.ip} (this kernel and its VMs run there)" in text, text
+        assert f"ssh -N -L" in text and f" {h2.ip} (then open web_ide)" in text  # the web IDE is on h2's loopback
         for k in kernels:  # the ZMQ traffic between hosts is CurveZMQ-encrypted by default
             log = (cluster.logs / f"kernel-{k.km.kernel_id}.log").read_text()
             assert '"curve_publickey"' in log and "without encryption" not in log
