@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from gateway_provisioners.distributed import DistributedProvisioner
+from traitlets import Unicode
 
 from .cluster import DOWN_FOR_S, HOST_ENV, REFUSED
 
@@ -29,13 +30,19 @@ class DhvmDistributedProvisioner(DistributedProvisioner):
                 await self._on_host(f"kill -9 {int(self.pid)} 2>/dev/null; echo sent", "sent")
             raise
 
+    default_transport_encryption = Unicode(
+        "auto", config=True,
+        help="The transport encryption used when the launch does not say and the kernel manager keeps its "
+             "default ('disabled'): 'auto' (CurveZMQ where jupyter_client can) or 'required' or 'disabled'. Set it "
+             "in the kernelspec's kernel_provisioner config.")
+
     def _resolve_transport_encryption(self, policy: str | None) -> None:
-        """CurveZMQ by default: the kernel's ZMQ traffic crosses the network between hosts. Only an explicit
-        ``transport_encryption='disabled'`` (launch argument, or the kernel manager's trait when set to
-        something else than its default) turns it off."""
+        """CurveZMQ by default: the kernel's ZMQ traffic crosses the network between hosts. A launch argument,
+        a kernel manager set to 'auto'/'required', or ``default_transport_encryption`` in the kernelspec decide
+        otherwise."""
         if policy is None:
             chosen = getattr(self.parent, "transport_encryption", None)
-            policy = "auto" if chosen in (None, "", "disabled") else chosen
+            policy = self.default_transport_encryption if chosen in (None, "", "disabled") else chosen
         super()._resolve_transport_encryption(policy)
 
     def _determine_next_host(self, env_dict: dict) -> str:
