@@ -335,3 +335,18 @@ def test_dhvm_status_host_says_ready_not_prepared_or_unreachable(cluster):
     finally:
         h2.start_sshd()
     assert p.returncode == 2 and f"{h2.ip}: not reachable over SSH" in p.stdout and f"ssh {h2.ip} true" in p.stdout, p.stdout
+
+
+def test_curve_is_the_default_and_the_kernelspec_can_turn_it_off():
+    from traitlets.config import Config
+
+    from dhg_kernel.provisioner import DhvmDistributedProvisioner
+
+    p = DhvmDistributedProvisioner()
+    p._resolve_transport_encryption("disabled")  # an explicit launch argument wins
+    assert p.transport_encryption == "disabled" and not p.curve_enabled
+    cfg = Config({"DhvmDistributedProvisioner": {"default_transport_encryption": "disabled"}})
+    p = DhvmDistributedProvisioner(config=cfg)
+    p._resolve_transport_encryption(None)
+    assert p.transport_encryption == "disabled"
+    assert DhvmDistributedProvisioner().default_transport_encryption == "auto"
