@@ -20,6 +20,12 @@ class DhvmDistributedProvisioner(DistributedProvisioner):
 
     down_until: dict[str, float] = {}
 
+    default_transport_encryption = Unicode(
+        "auto", config=True,
+        help="The transport encryption used when the launch does not say and the kernel manager keeps its "
+             "default ('disabled'): 'auto' (CurveZMQ where jupyter_client can) or 'required' or 'disabled'. Set it "
+             "in the kernelspec's kernel_provisioner config.")
+
     async def launch_kernel(self, cmd: list[str], **kwargs: Any):
         self._dhvm_cwd = kwargs.get("cwd") or os.getcwd()
         try:
@@ -29,12 +35,6 @@ class DhvmDistributedProvisioner(DistributedProvisioner):
             if self.pid and self.pid > 0:
                 await self._on_host(f"kill -9 {int(self.pid)} 2>/dev/null; echo sent", "sent")
             raise
-
-    default_transport_encryption = Unicode(
-        "auto", config=True,
-        help="The transport encryption used when the launch does not say and the kernel manager keeps its "
-             "default ('disabled'): 'auto' (CurveZMQ where jupyter_client can) or 'required' or 'disabled'. Set it "
-             "in the kernelspec's kernel_provisioner config.")
 
     def _resolve_transport_encryption(self, policy: str | None) -> None:
         """CurveZMQ by default: the kernel's ZMQ traffic crosses the network between hosts. A launch argument,
