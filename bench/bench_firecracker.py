@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if r["ran"] else 2
     layout = Layout.resolve(args.config_dir)
     backend = FirecrackerBackend(layout)
-    checks = backend.checks()
+    checks = backend.checks(run_binary=True)
     failed = [c for c in checks if not c.ok]
     if failed:
         out = {"ran": False, "why": {c.name: str(c) for c in failed},

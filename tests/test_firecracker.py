@@ -737,6 +737,12 @@ def test_a_binary_that_does_not_serve_its_api_fails_its_check_with_what_it_said(
     assert "did not serve its API" in check.detail and "boom: cannot open /dev/kvm" in check.detail
     assert "--api-sock" in check.fix
     assert not [d for d in set(os.listdir("/tmp")) - before if d.startswith("dhg-fc-check-")]  # cleaned up
+    # Choosing a backend (every session start) does not run the binary; dhvm status does.
+    from dhg_kernel.vm.firecracker import FirecrackerBackend
+
+    backend = FirecrackerBackend(Layout(tmp_path / "home"), firecracker=str(exe))
+    assert "firecracker_api" not in [c.name for c in backend.checks()]
+    assert backend.describe()["checks"]["firecracker_api"].startswith("FAILED:")
 
 
 def test_init_and_backend_agree_on_the_agent_vsock_port():

@@ -112,7 +112,10 @@ def probe_again(layout: Layout, qemu: str, log: Callable[[str], None] = lambda m
     """Boot the prepared guest kernel under KVM now (capped at PROBE_TIMEOUT_S) and record what happened
     beside the cached result, keeping its key (``dhvm status --probe``). Returns the new record."""
     ok, detail = probe_kvm(qemu, layout.kernel, log)
-    record = {**probe_record(layout), "accel": "kvm" if ok else "tcg", "detail": detail}
+    return _save_probe(layout, {**probe_record(layout), "accel": "kvm" if ok else "tcg", "detail": detail})
+
+
+def _save_probe(layout: Layout, record: dict) -> dict:
     layout.accel_probe.parent.mkdir(parents=True, exist_ok=True)
     layout.accel_probe.write_text(json.dumps(record))
     return record
@@ -130,10 +133,7 @@ def choose_accel(layout: Layout, qemu: str, qemu_version: str, kernel: Path, ker
     except (OSError, ValueError, KeyError):
         pass
     ok, detail = probe_kvm(qemu, kernel, log)
-    accel = "kvm" if ok else "tcg"
-    layout.accel_probe.parent.mkdir(parents=True, exist_ok=True)
-    layout.accel_probe.write_text(json.dumps({"key": key, "accel": accel, "detail": detail}))
-    return accel, True
+    return _save_probe(layout, {"key": key, "accel": "kvm" if ok else "tcg", "detail": detail})["accel"], True
 
 
 def host_checks(layout: Layout) -> list[Check]:
