@@ -213,3 +213,24 @@ def test_prepare_refuses_a_jailer_user_without_a_jailer_or_one_that_does_not_exi
              cwd=tmp_path, home=home, check=False)
     assert p.returncode == 2 and "no-such-user-dhg" in p.stderr and "UID[:GID]" in p.stderr
     assert not (home / "vm").exists()  # refused before anything was built
+
+
+def test_kernel_install_hosts_and_kubernetes_through_the_cli(tmp_path):
+    prefix = tmp_path / "prefix"
+    p = dhvm("kernel", "install", "--hosts", "h1,h2", "--balance", "least-connection", "--prefix", str(prefix),
+             cwd=tmp_path, home=tmp_path / "home")
+    assert p.returncode == 0 and "dhvm status --host h1" in p.stdout, p.stderr
+    spec = json.loads((prefix / "share/jupyter/kernels/dhvm-cluster/kernel.json").read_text())
+    prov = spec["metadata"]["kernel_provisioner"]
+    assert prov["provisioner_name"] == "dhvm-distributed-provisioner"
+    assert prov["config"]["remote_hosts"] == ["h1", "h2"] and prov["config"]["load_balancing_algorithm"] == "least-connection"
+    p = dhvm("kernel", "install", "--hosts", "h1,,h2", "--prefix", str(prefix), cwd=tmp_path, home=tmp_path / "home",
+             check=False)
+    assert p.returncode == 2 and "--hosts wants host names separated by commas" in p.stderr
+    p = dhvm("kernel", "install", "--kubernetes", "reg.example/dhvm:1", "--prefix", str(prefix), cwd=tmp_path,
+             home=tmp_path / "home")
+    assert p.returncode == 0 and "/dev/kvm by device-plugin" in p.stdout, p.stderr
+    env = {"JUPYTER_PATH": str(prefix / "share" / "jupyter")}
+    r = subprocess.run([sys.executable, "-m", "dhg_kernel.cli", "kernel", "uninstall", "--name", "dhvm-cluster"],
+                       env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and not (prefix / "share/jupyter/kernels/dhvm-cluster").exists(), r.stderr
