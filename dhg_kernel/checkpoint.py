@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 from .client import AgentClient
 from .errors import AgentDied, CheckpointError
+from .instances import proc_start_time
 from .vm import Backend, Instance
 from .vm import checkpoints as store
 
@@ -48,8 +49,8 @@ def save(backend: Backend, instance: Instance, client: AgentClient | None, name:
                 "base": {"key": base.meta.get("key"), "created": base.meta.get("created"), "dir": str(base.dir)},
                 "save_s": round(time.perf_counter() - t0, 2)}
         if temporary:
-            info["temporary_for_pid"] = os.getpid()
-        store.finish(work, meta, info)
+            info.update(temporary_for_pid=os.getpid(), temporary_for_start=proc_start_time(os.getpid()))
+        store.finish(work, meta, info, getattr(backend, "checkpoint_writable_files", ()))
     return store.load(backend.layout, name)
 
 

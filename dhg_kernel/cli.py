@@ -142,7 +142,7 @@ def cmd_checkpoint(args) -> int:
             print(f"{'NAME':24s} {'CREATED':26s} {'SIZE':>9s}  {'BACKEND':8s} TABLES")
             for r in rows:
                 print(f"{r['name']:24s} {r['created'] or '?':26s} {r['size_mb'] / 1024:7.2f}GB  {r['backend']:8s} "
-                      f"{', '.join(r['tables']) or '-'}")
+                      f"{', '.join(r['tables']) or '-'}" + (f"\n  {r['status']}" if r["status"] != "ok" else ""))
         return 0
     if not args.name:
         print(f"dhvm checkpoint {args.action}: give the checkpoint's NAME", file=sys.stderr)

@@ -6,9 +6,16 @@ A checkpoint is laid out like the snapshot it grew from (for QEMU: ``mem``, ``st
 snapshot's metadata is a ``checkpoint`` part: its name, when it was made, the base snapshot it grew
 from, the tables it holds and its size on disk.
 
-A checkpoint is written into ``.partial-<name>-<pid>`` (0700) and renamed to ``<name>`` only once its
-metadata is written, last: a save that fails or is killed never appears under its name, and a partial
-directory whose writer is dead is removed by the next listing or save.
+A checkpoint is written into ``.partial-<name>-<pid>@<start time>`` (0700) and renamed to ``<name>``
+only once its metadata is written, last: a save that fails or is killed never appears under its name,
+and a partial directory whose writer is dead (a zombie is dead) is removed by the next listing or save.
+
+Once written, a checkpoint does not change: its metadata records each file's size and digest
+(``vm/integrity``), checked at every listing and before any restore, so a damaged one is named as
+damaged, with the fix, before a VMM sees it. Its files are read-only (0400) and its directory 0500,
+except the files a backend's VMM must open for writing (QEMU 7.2 opens ``mem`` O_RDWR even when it maps
+it privately: its ``readonly=on`` makes the guest's RAM a ROM). No ``chattr +i``: QEMU could then not
+open ``mem`` at all, nor the Firecracker jailer hard-link the files into its chroot.
 
 A checkpoint is only restored into the world it was made in: the same backend, Deephaven version,
 kernel and root disk (the guest's page cache points into that disk), and the same base snapshot.
@@ -23,16 +30,23 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from ..config import Layout
 from ..errors import BackendUnavailable, CheckpointError, UsageError
+from ..instances import alive, proc_start_time
+from . import integrity
 from .base import SNAPSHOT_METADATA, write_snapshot_metadata
 
 T = TypeVar("T")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 PARTIAL = ".partial-"
+# The writer's pid and start time at the end of a partial (or trash) directory's name: ``-<pid>[@<start>]``.
+WRITER = re.compile(r"-(\d+)(?:@(\d+))?\Z")
+# A finished checkpoint is read-only; a file its VMM opens for writing keeps the owner's write bit.
+FILE_MODE, WRITABLE_FILE_MODE, DIR_MODE = 0o400, 0o600, 0o500
 # Free space kept beyond a checkpoint's worst case (its RAM size), so a save never fills the disk.
 SPACE_MARGIN_BYTES = 256 * 2**20
 
@@ -70,6 +84,18 @@ class Checkpoint:
     def tables(self) -> list[str]:
         return list(self.info.get("tables") or [])
 
+    @cached_property
+    def problem(self) -> str | None:
+        """What is wrong with the checkpoint's files (checked once), or None when they are as saved."""
+        return _check_files(self)
+
+    def check_intact(self) -> None:
+        """Refuse a damaged checkpoint, saying what is wrong and the commands that fix it."""
+        if self.problem:
+            raise CheckpointError(f"checkpoint {self.name} is damaged: {self.problem}; delete it and save it again: "
+                                  f"%dhvm checkpoint {self.name} --overwrite, or dhvm checkpoint create {self.name} "
+                                  f"--from SCRIPT --overwrite (or delete it: dhvm checkpoint rm {self.name})")
+
     def size_on_disk(self) -> int:
         """Bytes the checkpoint's files take on disk (its memory file is sparse)."""
         return sum(p.stat().st_blocks * 512 for p in self.dir.iterdir() if p.is_file())
@@ -81,17 +107,38 @@ class Checkpoint:
                 "deephaven": self.dh_version, "tables": self.tables,
                 "size_mb": round(self.size_on_disk() / 2**20, 1), "ram_mb": (self.meta.get("machine") or {}).get("ram_mb"),
                 "base_snapshot": (info.get("base") or {}).get("created"), "from": info.get("source"),
-                "save_s": info.get("save_s"), "dir": str(self.dir)}
+                "save_s": info.get("save_s"), "dir": str(self.dir),
+                "status": f"DAMAGED: {self.problem}; delete it and save it again (dhvm checkpoint rm {self.name})"
+                if self.problem else "ok"}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _check_files(ck: Checkpoint) -> str | None:
+    """The first file that differs from its record; a checkpoint saved before records were kept is
+    checked by the sizes its backend noted (a short ``mem`` is what QEMU would extend)."""
+    record = ck.info.get("integrity")
+    if record is None:
+        sizes = ck.meta.get("sizes") or {}
+        record = {n: {"bytes": sizes[k]} for n, k in (("mem", "mem_bytes"), ("state", "state_bytes"),
+                                                      ("vmstate", "vmstate_bytes")) if k in sizes}
+    for name, want in sorted(record.items()):
+        problem = integrity.check(ck.dir / name, want)
+        if problem:
+            return problem
+    return None
+
+
+def _writer_suffix() -> str:
+    """``-<pid>@<start time>``: ``alive`` then tells a dead writer (or a zombie, or a recycled pid) from a live one."""
+    start = proc_start_time(os.getpid())
+    return f"-{os.getpid()}" + (f"@{start}" if start is not None else "")
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a checkpoint's directory: its read-only (0500) directories get their write bit back first."""
+    for d, _, _ in os.walk(path):
+        with contextlib.suppress(OSError):
+            os.chmod(d, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def reap_partials(layout: Layout) -> int:
@@ -101,14 +148,12 @@ def reap_partials(layout: Layout) -> int:
     if not root.is_dir():
         return 0
     for p in root.iterdir():
-        if not p.name.startswith(PARTIAL):
+        writer = WRITER.search(p.name) if p.name.startswith(PARTIAL) else None
+        if writer is None:
             continue
-        try:
-            pid = int(p.name.rsplit("-", 1)[1])
-        except (IndexError, ValueError):
-            continue
-        if not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
+        start = writer.group(2)
+        if not alive(int(writer.group(1)), int(start) if start else None):
+            remove_tree(p)
             gone += 1
     return gone
 
@@ -128,8 +173,8 @@ def list_all(layout: Layout) -> list[Checkpoint]:
                 continue
             owner = ck.info.get("temporary_for_pid")
             if owner:  # a fork's, removed once the fork started: never listed; reaped if its maker died
-                if not _pid_alive(int(owner)):
-                    shutil.rmtree(p, ignore_errors=True)
+                if not alive(int(owner), ck.info.get("temporary_for_start")):
+                    remove_tree(p)
                 continue
             out.append(ck)
     return sorted(out, key=lambda c: c.info.get("created") or "")
@@ -161,9 +206,9 @@ def load(layout: Layout, name: str) -> Checkpoint:
 def remove(layout: Layout, name: str) -> Checkpoint:
     """Delete a checkpoint (VMs restored from it keep running: they hold its memory file open)."""
     ck = load(layout, name)
-    trash = layout.checkpoints / f"{PARTIAL}{name}.rm-{os.getpid()}"
+    trash = layout.checkpoints / f"{PARTIAL}{name}.rm{_writer_suffix()}"
     os.replace(ck.dir, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    remove_tree(trash)
     return ck
 
 
@@ -193,30 +238,35 @@ def writing(layout: Layout, name: str, overwrite: bool, need_bytes: int) -> Iter
                               f"%dhvm checkpoint {name} --overwrite (dhvm checkpoint rm {name} deletes it)")
     reap_partials(layout)
     check_space(root, need_bytes)
-    work = root / f"{PARTIAL}{name}-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
+    work = root / f"{PARTIAL}{name}{_writer_suffix()}"
+    remove_tree(work)
     work.mkdir(mode=0o700)
     try:
         yield work
         if not (work / SNAPSHOT_METADATA).is_file():
             raise CheckpointError(f"the checkpoint {name!r} was not completed")
-        old = root / f"{PARTIAL}{name}.old-{os.getpid()}"
+        old = root / f"{PARTIAL}{name}.old{_writer_suffix()}"
         if final.exists():
             os.replace(final, old)
+        os.chmod(work, DIR_MODE)  # nothing is added to or removed from a finished checkpoint
         os.replace(work, final)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work)
         raise
 
 
-def finish(work: Path, backend_meta: dict, info: dict) -> None:
-    """Write a checkpoint's metadata (last, atomically): the backend's part and the checkpoint's own."""
-    for p in work.iterdir():
-        os.chmod(p, 0o600)
-    info = {**info, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+def finish(work: Path, backend_meta: dict, info: dict, writable: tuple[str, ...] = ()) -> None:
+    """Write a checkpoint's metadata (last, atomically): the backend's part and the checkpoint's own,
+    with each file's size and digest; then every file is read-only, but those in ``writable`` (the
+    files the backend's VMM opens for writing, though it never writes them)."""
+    files = sorted(p for p in work.iterdir() if p.is_file())
+    info = {**info, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "integrity": {p.name: integrity.fingerprint(p) for p in files}}
+    for p in files:
+        os.chmod(p, WRITABLE_FILE_MODE if p.name in writable else FILE_MODE)
     write_snapshot_metadata(work, {**backend_meta, "checkpoint": info})
-    os.chmod(work / SNAPSHOT_METADATA, 0o600)
+    os.chmod(work / SNAPSHOT_METADATA, FILE_MODE)
 
 
 def check_compatible(ck: Checkpoint, backend: str, base_meta: dict, dh_version: str) -> None:
@@ -238,10 +288,12 @@ def check_compatible(ck: Checkpoint, backend: str, base_meta: dict, dh_version: 
 
 def snapshot_of(layout: Layout, name: str, backend: str, base_meta: dict, dh_version: str, read: Callable[[Path], T]) -> T:
     """The snapshot inside checkpoint ``name`` (read by ``read``, the backend's snapshot loader), after
-    checking that it may be restored here."""
+    checking that its files are as saved and that it may be restored here."""
     ck = load(layout, name)
+    ck.check_intact()
     check_compatible(ck, backend, base_meta, dh_version)
     try:
         return read(ck.dir)
     except BackendUnavailable as e:
-        raise CheckpointError(f"the checkpoint {name!r} is damaged ({e}); remove it: dhvm checkpoint rm {name}") from None
+        raise CheckpointError(f"checkpoint {name} is damaged ({e}); delete it and save it again: %dhvm checkpoint "
+                              f"{name} --overwrite (or delete it: dhvm checkpoint rm {name})") from None

@@ -173,6 +173,20 @@ class Snapshot:
         check_snapshot_inputs(self.meta.get("files"), vm_dir, "run: dhvm prepare")
 
 
+def _check_mem_size(snap: Snapshot) -> None:
+    """A restore never writes its snapshot: QEMU extends a ``mem`` shorter than the VM's RAM (ftruncate,
+    zero-filled), so one that is not exactly that size is refused before QEMU opens it."""
+    want = snap.machine.ram_mb * 2**20
+    have = snap.mem.stat().st_size
+    if have == want:
+        return
+    damaged = f"{snap.dir} is damaged: mem is {have} bytes, expected {want} (the VM's {snap.machine.ram_mb} MiB of RAM)"
+    if "checkpoint" in snap.meta:
+        raise CheckpointError(f"{damaged}; delete it and save it again: %dhvm checkpoint {snap.dir.name} --overwrite "
+                              f"(or delete it: dhvm checkpoint rm {snap.dir.name})")
+    raise BackendUnavailable(f"{damaged}; run: dhvm prepare --rebuild")
+
+
 class QemuInstance(RestoredInstance):
     """One restored microVM (one QEMU process) and the client made during its restore."""
 
@@ -271,6 +285,8 @@ class QemuBackend(Backend):
                  resumed: Callable[[], None] = lambda: None) -> QemuInstance:
         """A new VM: from ``snap``'s files, or (``fork_of``) migrated from that running VM."""
         t0 = time.perf_counter()
+        if fork_of is None:
+            _check_mem_size(snap)
         rec = new_instance(self.layout, self.name)
         port = free_port()
         argv = snap.machine.argv(self.layout.vm, qemu, None if fork_of else snap.mem, shared=False, host_port=port,
@@ -325,6 +341,8 @@ class QemuBackend(Backend):
         return inst
 
     can_checkpoint = True
+    # QEMU 7.2 opens a memory-backend-file O_RDWR even with share=off (readonly=on would make the RAM a ROM).
+    checkpoint_writable_files = ("mem",)
 
     def fork(self, parent: QemuInstance, resumed: Callable[[], None] = lambda: None) -> QemuInstance:
         """A second VM that runs on from ``parent``'s state now: ``parent`` is paused and migrated into a new
