@@ -172,7 +172,7 @@ class CellInput:
 
         if isinstance(value, (pd.DataFrame, pa.Table)):
             try:
-                return cls(source, name, "table", to_ipc(value))
+                return cls(source, name, "table", to_ipc(value, f"-i {source}", source if source.isidentifier() else None))
             except (pa.ArrowException, TypeError, ValueError) as e:
                 raise UsageError(f"-i {source}: this DataFrame cannot be sent as an Arrow table ({e}); convert the "
                                  f"column it names (e.g. df[col].astype(str)) and run the cell again") from None

@@ -31,6 +31,13 @@ _PREFIX = struct.Struct(">4sIH")
 _LEN = struct.Struct(">Q")
 
 MAX_HEADER_BYTES = 8 * 1024 * 1024
+# Text travels in headers in pieces of at most this many characters (a long print is several stdout
+# events): json.dumps writes at most 12 bytes per character (an astral one as two \uXXXX escapes), so
+# a piece stays under half of MAX_HEADER_BYTES whatever the text.
+TEXT_CHUNK_CHARS = MAX_HEADER_BYTES // 24
+# An error event's text (value, traceback, summary) is clipped to this many characters in all, the
+# middle of an over-long part cut with a note: the event always fits, and stays readable.
+MAX_ERROR_CHARS = TEXT_CHUNK_CHARS // 2
 MAX_PAYLOADS = 4096
 DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024 * 1024
 # Once a frame has started, the rest must arrive within this many seconds (a stalled peer must
@@ -55,6 +62,10 @@ OP_HOLD = "hold"
 OP_RESUME = "resume"
 # A notice with no reply: the host's wall clock (``now_ns``), so a VM's clock cannot drift away.
 OP_CLOCK = "clock"
+# Settings of Deephaven's web UI (``time_zone``), which it reads from the server's configuration.
+OP_WEB = "web"
+# What the web UI shows times in unless told otherwise (as DataFrames do; the web UI's own default is New York).
+DEFAULT_WEB_TIME_ZONE = "UTC"
 
 # Events (agent -> host), field "ev". Every event answering a request carries "re": request id.
 EV_HELLO = "hello"
@@ -68,12 +79,15 @@ EV_RESULT = "result"
 # ``update``; binary values as {"$payload": i}), and a request to clear the cell's output (``wait``).
 EV_DISPLAY = "display"
 EV_CLEAR = "clear_output"
+# In a display event's ``transient``: the scope name of a ticking figure, which a live view can watch.
+TRANSIENT_WATCH = "dhvm_watch"
 # In a MIME bundle: a Deephaven widget (a Figure) by the variable holding it; the host makes it a link.
 MIME_DEEPHAVEN_WIDGET = "application/vnd.dhg.deephaven-widget+json"
 # Unsolicited, from the VM's init: the agent process died (``reason``, ``status``, ``oom``); the
 # VM's agent stream is dead, whatever request was waiting on it.
 EV_AGENT_EXIT = "agent_exit"
-# A watched table's latest rows (Arrow IPC payload), row count and update time (``watch``).
+# A watched table's latest rows (Arrow IPC payload), row count and update time (``watch``); for a
+# watched figure (``kind`` "figure"), its MIME bundle as a JSON payload.
 EV_LIVE = "live"
 # A fetch with ``stream``: an ``table`` event whose payload is the Arrow schema, then one ``batch``
 # event per record batch (each payload one Arrow IPC message), so no side holds the table twice.
@@ -314,10 +328,61 @@ class FrameStream:
         self.sock.close()
 
 
+def text_chunks(text: str, size: int = TEXT_CHUNK_CHARS):
+    """``text`` in pieces of at most ``size`` characters (one, however short; none when empty)."""
+    for start in range(0, len(text), size):
+        yield text[start:start + size]
+
+
+def clip_text(text: str, limit: int, hint: str = "") -> str:
+    """``text`` itself if it has at most ``limit`` characters; else its start and end around a note of
+    how much was cut (and ``hint``: where the whole text is)."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 120 - len(hint), 0)  # the note is part of the limit: a clipped text is clipped no more
+    head = keep * 2 // 3
+    tail = keep - head
+    cut = len(text) - head - tail
+    note = f"\n[... {cut:,} of {len(text):,} characters cut here{'; ' + hint if hint else ''} ...]\n"
+    return text[:head] + note + text[len(text) - tail:]
+
+
+def clip_lines(lines: Sequence[str], limit: int, hint: str = "") -> list[str]:
+    """Lines (a traceback) within ``limit`` characters in all: an over-long line clipped in its middle,
+    and if there are still too many, the first and last lines kept around a note."""
+    lines = [str(line) for line in lines]
+    if sum(map(len, lines)) <= limit:
+        return lines
+    lines = [clip_text(line, limit // 4, hint) for line in lines]
+    head: list[str] = []
+    tail: list[str] = []
+    room = limit // 2 - 100 - len(hint)  # and the note of the lines cut is part of the limit too
+    for line in reversed(lines):  # the last lines (the error itself) first, in half the room at most
+        if len(line) > room:
+            break
+        tail.insert(0, line)
+        room -= len(line)
+    room += limit // 2
+    for line in lines[:len(lines) - len(tail)]:
+        if len(line) > room:
+            break
+        head.append(line)
+        room -= len(line)
+    dropped = len(lines) - len(head) - len(tail)
+    if dropped:
+        head.append(f"[... {dropped:,} lines cut here{'; ' + hint if hint else ''} ...]\n")
+    return head + tail
+
+
 def error_event(name: str, value: str, traceback: list[str] | None = None, re: int | None = None,
                 **extra: Any) -> dict[str, Any]:
-    """The header of an error event (used for both cell errors and protocol errors)."""
-    header: dict[str, Any] = {"ev": EV_ERROR, "name": name, "value": value, "traceback": traceback or []}
+    """The header of an error event (used for both cell errors and protocol errors); its text is clipped
+    to MAX_ERROR_CHARS, so a huge message still arrives (its start and end)."""
+    value = clip_text(str(value), MAX_ERROR_CHARS // 4)
+    traceback = clip_lines(traceback or [], MAX_ERROR_CHARS // 2)
+    if isinstance(extra.get("summary"), list):
+        extra["summary"] = clip_lines(extra["summary"], MAX_ERROR_CHARS // 4)
+    header: dict[str, Any] = {"ev": EV_ERROR, "name": name, "value": value, "traceback": traceback}
     if re is not None:
         header["re"] = re
     header.update(extra)

@@ -3,8 +3,8 @@ and ``CellEvents``, the one place where the agent's events become those values."
 
 from __future__ import annotations
 
+import collections
 import datetime
-
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -39,6 +39,8 @@ class TableResult:
     """For a ticking table: when the server took the snapshot that was sent (UTC)."""
     watch: str | None = None
     """For a ticking table: the name a live view of it watches in the session (see live.py)."""
+    blink: bool = False
+    """A blink table: it holds only the rows of its last update cycle."""
 
     @cached_property
     def df(self) -> pd.DataFrame:
@@ -100,9 +102,14 @@ class CellResult:
     """Everything one cell produced."""
 
     stdout: str = ""
-    """Text the cell printed to stdout."""
+    """Text the cell printed to stdout. When it was also streamed (to a notebook or a terminal), only its
+    last ``KEPT_OUTPUT_CHARS`` characters, after a note of how many were not kept (``stdout_dropped``)."""
     stderr: str = ""
-    """Text the cell printed to stderr."""
+    """Text the cell printed to stderr (kept as ``stdout`` is)."""
+    stdout_dropped: int = 0
+    """Characters of stdout that were streamed but not kept in ``stdout``."""
+    stderr_dropped: int = 0
+    """Characters of stderr that were streamed but not kept in ``stderr``."""
     tables: list[TableResult] = field(default_factory=list)
     """Tables created or rebound by the cell, in scope order."""
     error: ExecutionError | None = None
@@ -148,6 +155,7 @@ class CellResult:
             })
         return {
             "status": self.status, "ok": self.ok, "stdout": self.stdout, "stderr": self.stderr,
+            "stdout_dropped": self.stdout_dropped, "stderr_dropped": self.stderr_dropped,
             "error": None if self.error is None else {
                 "name": self.error.name, "value": self.error.value, "summary": self.error.summary,
                 "traceback": self.error.traceback},
@@ -177,10 +185,49 @@ def table_from_event(header: dict, payload, dtype_backend: str) -> TableResult:
                        columns=header.get("columns", []), truncated=bool(header.get("truncated")),
                        refreshing=bool(header.get("refreshing")), dtype_backend=dtype_backend,
                        snapshot_time=datetime.datetime.fromtimestamp(snap_ns / 1e9, datetime.timezone.utc)
-                       if snap_ns else None, watch=header.get("watch"))
+                       if snap_ns else None, watch=header.get("watch"), blink=bool(header.get("blink")))
 
 
 Stream = Callable[[str], None]
+
+# Output a cell streams (to a notebook, a terminal) is kept in its CellResult only up to this many of its
+# last characters: a cell printing gigabytes must not hold them all in the kernel as well.
+KEPT_OUTPUT_CHARS = 1 << 20
+
+
+class OutputTail:
+    """The last ``limit`` characters of a stream of text, and how many came before them."""
+
+    def __init__(self, limit: int | None = KEPT_OUTPUT_CHARS):
+        self.limit = limit
+        """None: keep everything."""
+        self.dropped = 0
+        self._parts: collections.deque[str] = collections.deque()
+        self._size = 0
+
+    def add(self, text: str) -> None:
+        self._parts.append(text)
+        self._size += len(text)
+        if self.limit is None:
+            return
+        while self._size > self.limit:
+            excess, first = self._size - self.limit, self._parts[0]
+            if len(first) <= excess:
+                self._parts.popleft()
+                cut = len(first)
+            else:
+                self._parts[0] = first[excess:]
+                cut = excess
+            self._size -= cut
+            self.dropped += cut
+
+    def text(self, what: str) -> str:
+        """The text kept, after a note of what was not (``what``: the stream's name)."""
+        kept = "".join(self._parts)
+        if not self.dropped:
+            return kept
+        return (f"[dhvm: the first {self.dropped:,} characters of {what} were shown as they came and not kept; "
+                f"the last {len(kept):,} follow]\n{kept}")
 
 
 class CellEvents:
@@ -198,19 +245,20 @@ class CellEvents:
         self.dtype_backend = dtype_backend
         self.on_stdout, self.on_stderr, self.on_display = on_stdout, on_stderr, on_display
         self.bundle = bundle
-        self._out: list[str] = []
-        self._err: list[str] = []
+        # Output that is streamed is kept only as a tail; output nobody sees as it comes is kept whole.
+        self._out = OutputTail(KEPT_OUTPUT_CHARS if on_stdout else None)
+        self._err = OutputTail(KEPT_OUTPUT_CHARS if on_stderr else None)
 
     def __call__(self, frame: P.Frame) -> None:
         h = frame.header
         kind = h.get("ev")
         result = self.result
         if kind == P.EV_STDOUT:
-            self._out.append(h["text"])
+            self._out.add(h["text"])
             if self.on_stdout:
                 self.on_stdout(h["text"])
         elif kind == P.EV_STDERR:
-            self._err.append(h["text"])
+            self._err.add(h["text"])
             if self.on_stderr:
                 self.on_stderr(h["text"])
         elif kind == P.EV_TABLE and h.get("display"):
@@ -236,7 +284,8 @@ class CellEvents:
 
     def finish(self, done: dict) -> CellResult:
         """The result, completed with the ``done`` header (status and the agent's timings)."""
-        self.result.stdout, self.result.stderr = "".join(self._out), "".join(self._err)
+        self.result.stdout, self.result.stderr = self._out.text("stdout"), self._err.text("stderr")
+        self.result.stdout_dropped, self.result.stderr_dropped = self._out.dropped, self._err.dropped
         if done:
             self.result.status = done.get("status", "error")
         return self.result

@@ -114,6 +114,44 @@ class WrittenFile:
     __repr__ = __str__  # the one line is what IPython shows as the magic's Out[]
 
 
+def _progress_file():
+    """Where the progress bar is drawn: stderr; in a Jupyter kernel one output updated in place instead (a
+    stream output cannot be taken back, so the bar's erasing at its end left an empty stderr box)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return sys.stderr
+    shell = get_ipython()
+    return _DisplayLine() if getattr(shell, "kernel", None) is not None else sys.stderr
+
+
+class _DisplayLine:
+    """A file for tqdm that shows the last line written (after its last carriage return) as one display
+    output, updated in place; an empty line empties the output (nothing shows)."""
+
+    def __init__(self):
+        self._line = ""
+        self._shown = ""
+        self._handle = None
+
+    def write(self, text: str) -> int:
+        self._line = (self._line + text).rsplit("\r", 1)[-1]
+        return len(text)
+
+    def flush(self) -> None:
+        text = self._line.strip()
+        if text == self._shown:
+            return
+        from IPython.display import display
+
+        data = {"text/plain": text} if text else {}
+        if self._handle is None:
+            self._handle = display(data, raw=True, display_id=True)
+        else:
+            self._handle.update(data, raw=True)
+        self._shown = text
+
+
 class TableFileWriter:
     """One table streamed into one file: ``begin`` with its schema, ``write`` each batch as it arrives, then
     ``finish``. Batches are converted and written on a thread of the writer's own, so the thread reading
@@ -189,7 +227,7 @@ class TableFileWriter:
         if show:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=rows, unit=" rows", unit_scale=True, file=sys.stderr, leave=False,
+            self._bar = tqdm(total=rows, unit=" rows", unit_scale=True, file=_progress_file(), leave=False,
                              desc=f"{self.name} -> {self.path.name}", dynamic_ncols=True)
         self._thread = threading.Thread(target=self._work, name="dhg-table-writer", daemon=True)
         self._thread.start()

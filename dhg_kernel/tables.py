@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import decimal
 import json
+import re
+import unicodedata
 
 import pandas as pd
 import pyarrow as pa
 
-from .errors import TableFileError
+from .errors import TableFileError, UsageError
 
 DTYPE_BACKENDS = ("numpy_nullable", "pyarrow", "numpy")
 
@@ -46,13 +48,18 @@ def read_ipc(payload) -> pa.Table:
         return reader.read_all()
 
 
-def to_ipc(value) -> bytes:
+def to_ipc(value, what: str = "the table", var: str | None = None) -> bytes:
     """A pandas DataFrame or pyarrow Table as one Arrow IPC stream that Deephaven's converter takes:
-    a meaningful index becomes columns, categoricals are decoded, large strings/binaries narrowed."""
+    a meaningful index becomes columns, categoricals are decoded, large strings/binaries narrowed.
+
+    Column names Deephaven cannot take are refused first (UsageError naming ``what``, and the rename of
+    ``var``, the notebook variable holding the value, that fixes them): see ``check_column_names``."""
     if isinstance(value, pd.DataFrame):
         df = value if isinstance(value.index, pd.RangeIndex) and value.index.name is None else value.reset_index()
+        check_column_names(list(df.columns), what, var, "DataFrame")
         table = pa.Table.from_pandas(df, preserve_index=False)
     elif isinstance(value, pa.Table):
+        check_column_names(value.column_names, what, var, "Arrow table")
         table = value
     else:
         raise TypeError(f"not a DataFrame or Arrow table: {type(value).__name__}")
@@ -71,6 +78,73 @@ def to_ipc(value) -> bytes:
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
+
+
+# Deephaven's rules for a column name (io.deephaven.api.util.NameValidator, whose legalizeColumnName its
+# Arrow converter applies): ASCII letters, digits, _ and $, not first a digit, not a Java keyword or
+# literal, not a name its query language reserves. A name it would change reaches the server as a column
+# that is then missing (a NullPointerException on every display), or fails with a raw Java error.
+_QUERY_RESERVED = frozenset({"in", "not", "i", "ii", "k"})
+_JAVA_KEYWORDS = frozenset("""
+    abstract assert boolean break byte case catch char class const continue default do double else enum
+    extends final finally float for goto if implements import instanceof int interface long native new
+    package private protected public return short static strictfp super switch synchronized this throw
+    throws transient try void volatile while true false null _""".split())
+_COLUMN_NAME = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
+
+
+def column_name_problem(name: object) -> str | None:
+    """Why Deephaven cannot take ``name`` (a DataFrame's column label) as a column name; None if it can."""
+    if not isinstance(name, str):
+        return f"not text but {type(name).__name__} {name!r}"
+    if not name:
+        return "empty"
+    if name in _JAVA_KEYWORDS:
+        return "a Java keyword (Deephaven's formulas are Java)"
+    if name in _QUERY_RESERVED:
+        return "reserved in Deephaven's query language (in, not, i, ii, k)"
+    if not _COLUMN_NAME.fullmatch(name):
+        return "a name may hold only ASCII letters, digits, _ and $, and not start with a digit"
+    return None
+
+
+def legal_column_name(name: object, taken: set[str] = frozenset()) -> str:
+    """A name Deephaven takes for the column ``name`` (as its legalizeColumnName makes it, accented letters
+    spelt without their accents, ``column_`` before a digit or a reserved word), not one of ``taken``."""
+    text = unicodedata.normalize("NFKD", str(name))
+    legal = re.sub(r"[^A-Za-z0-9_$]", "", text)
+    if legal in _QUERY_RESERVED or legal in _JAVA_KEYWORDS or legal[:1].isdigit():
+        legal = "column_" + legal
+    legal = legal or "column"
+    out, n = legal, 2
+    while out in taken:
+        out, n = f"{legal}{n}", n + 1
+    return out
+
+
+def check_column_names(names: list, what: str, var: str | None = None, kind: str = "DataFrame") -> None:
+    """UsageError, before anything is sent, when Deephaven cannot take some of ``names`` (or two are the
+    same): each bad name with why, and the rename that fixes them all (of the notebook variable ``var``)."""
+    bad = [(n, why) for n in names if (why := column_name_problem(n))]
+    seen: set = set()
+    twice = [n for n in names if n in seen or seen.add(n)]
+    if not bad and not twice:
+        return
+    taken = {n for n in names if isinstance(n, str) and column_name_problem(n) is None}
+    renames = {}
+    for n, _ in bad:
+        renames[n] = legal_column_name(n, taken)
+        taken.add(renames[n])
+    lines = [f"  {n!r}: {why}" for n, why in bad] + [f"  {n!r}: appears twice" for n in dict.fromkeys(twice)]
+    if kind == "DataFrame":
+        fix = (f"{var or 'df'} = {var or 'df'}.rename(columns={renames!r})" if renames
+               else f"{var or 'df'}.columns = [...]  # one name each")
+    else:
+        fixed = [renames.get(n, n) for n in names]
+        fix = f"{var or 'table'} = {var or 'table'}.rename_columns({fixed!r})"
+    raise UsageError(f"{what}: Deephaven cannot take {len(lines)} of this {kind}'s column names, so nothing was "
+                     f"sent and the cell did not run:\n" + "\n".join(lines) +
+                     f"\nRename them, e.g.\n  {fix}\nand run the cell again.")
 
 
 def deephaven_type(field: pa.Field) -> str | None:
