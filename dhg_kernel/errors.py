@@ -60,6 +60,10 @@ class AgentStartError(DhvmError):
     """An instance was started (or restored) but its agent never answered."""
 
 
+class NotEnoughMemory(AgentStartError):
+    """A new server would not fit in the memory left free (the host's or this process's cgroup's); none was started."""
+
+
 class ProtocolMismatch(AgentStartError):
     """The agent speaks another protocol version than this host: the image is older than the host code."""
 
