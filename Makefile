@@ -25,10 +25,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[local,test]'
 	touch $@
 
-# Builds the microVM image (seconds when nothing changed), then runs notebooks/quickstart.ipynb
-# end to end, headless; the executed copy lands in build/.
+# Builds the microVM image (seconds when nothing changed), installs the "Deephaven microVM" kernelspec
+# into the venv, then runs notebooks/quickstart.ipynb end to end, headless; the executed copy lands in build/.
 demo: setup
 	$(VENV)/bin/dhvm prepare || echo "dhvm prepare failed (see above): the demo runs on the local backend"
+	$(VENV)/bin/dhvm kernel install --sys-prefix
+	@echo "the 'Deephaven microVM' kernel (dhvm) is installed in $(VENV); start it with: $(VENV)/bin/jupyter lab"
 	$(VENV)/bin/jupyter nbconvert --to notebook --execute notebooks/quickstart.ipynb \
 	  --output-dir build --output quickstart.executed.ipynb
 	@echo "executed notebook: build/quickstart.executed.ipynb"

@@ -26,6 +26,8 @@ STREAM_CANCEL_GRACE_S = 30.0
 QUESTION_DEADLINE_S = 3.0
 # How often a VM gets the host's wall clock while a session lives (its own clock drifts under emulation).
 CLOCK_NOTICE_S = 1.0
+# DHG_HOME and the directories of ours under it: the owner only (run dirs hold sockets that run any code).
+PRIVATE_DIR_MODE = 0o700
 
 
 def default_backend() -> str:
@@ -71,6 +73,24 @@ class Layout:
     @property
     def vm(self) -> Path:
         return self.home / "vm"
+
+    def private_dir(self, path: Path | None = None) -> Path:
+        """Make ``path`` (default: DHG_HOME) and every directory between DHG_HOME and it, each 0700, and
+        tighten those that already exist, are ours and are open to others (a home made before this rule).
+        Returns ``path``."""
+        path = Path(path) if path is not None else self.home
+        parts = path.relative_to(self.home).parts  # ValueError for a path outside DHG_HOME: a bug of ours
+        chain = [self.home.joinpath(*parts[:i]) for i in range(len(parts) + 1)]
+        self.home.parent.mkdir(parents=True, exist_ok=True)  # where the user put DHG_HOME: not ours to restrict
+        for d in chain:
+            try:
+                d.mkdir(mode=PRIVATE_DIR_MODE)
+            except FileExistsError:
+                pass
+            st = d.stat()
+            if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+                os.chmod(d, PRIVATE_DIR_MODE)  # also undoes a umask or default ACL that widened mkdir's mode
+        return path
 
     def rel(self, path: Path) -> str:
         """``path`` relative to ``vm`` (snapshots record their inputs so, to survive a moved DHG_HOME)."""

@@ -99,7 +99,7 @@ class InstanceRecord:
 
 def new_instance(layout: Layout, backend: str) -> InstanceRecord:
     """Create ``run/<id>/`` (mode 0700) and its record, owned by this process."""
-    layout.run.mkdir(parents=True, exist_ok=True)
+    layout.private_dir(layout.run)
     iid = f"{backend}-{uuid.uuid4().hex[:10]}"
     d = layout.run / iid
     d.mkdir(mode=0o700)

@@ -26,6 +26,8 @@ def install(user: bool = False, prefix: str | None = None, python: str | None = 
     """
     from jupyter_client.kernelspec import KernelSpecManager
 
+    from .local_provisioner import PROVISIONER_NAME
+
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / KERNEL_NAME
         src.mkdir()
@@ -34,6 +36,8 @@ def install(user: bool = False, prefix: str | None = None, python: str | None = 
                 shutil.copy(f, src / f.name)
         spec = json.loads((src / "kernel.json").read_text())
         spec["argv"][0] = python or sys.executable  # the kernel runs with the Python that installed it
+        # Its channels on unix sockets in a 0700 dir: over TCP any local user could read every output.
+        spec["metadata"]["kernel_provisioner"] = {"provisioner_name": PROVISIONER_NAME}
         (src / "kernel.json").write_text(json.dumps(spec, indent=1))
         if not user and prefix is None:
             prefix = sys.prefix

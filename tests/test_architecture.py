@@ -23,7 +23,7 @@ LAYERS = [
     ("backends", {"vm", "vm.*"}),
     ("image build", {"prepare", "prepare.*"}),
     ("sessions", {"session", "checkpoint"}),
-    ("front ends", {"display", "magic", "kernel", "kernelspec", "cluster", "provisioner", "cli", "__main__", "__init__"}),
+    ("front ends", {"display", "magic", "kernel", "kernelspec", "cluster", "provisioner", "local_provisioner", "cli", "__main__", "__init__"}),
 ]
 
 

@@ -50,7 +50,7 @@ def prepare(layout: Layout, backend: str = "qemu", dh_version: str = DH_VERSION,
         raise PrepareError("setup", f"prepare builds images for the qemu and firecracker backends only (not "
                            f"{backend!r}); the local backend needs no image", Path(log_path or layout.prepare_log),
                            "run: dhvm prepare --backend qemu")
-    layout.vm.mkdir(parents=True, exist_ok=True)
+    layout.private_dir(layout.vm)
     log = Path(log_path) if log_path else layout.prepare_log
     log.parent.mkdir(parents=True, exist_ok=True)
     say = progress or _print_progress

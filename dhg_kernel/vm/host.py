@@ -116,7 +116,7 @@ def probe_again(layout: Layout, qemu: str, log: Callable[[str], None] = lambda m
 
 
 def _save_probe(layout: Layout, record: dict) -> dict:
-    layout.accel_probe.parent.mkdir(parents=True, exist_ok=True)
+    layout.private_dir(layout.accel_probe.parent)
     layout.accel_probe.write_text(json.dumps(record))
     return record
 

@@ -76,7 +76,7 @@ class LocalBackend(Backend):
         if checkpoint or self.start_from:
             raise CheckpointError(self.no_checkpoints())
         self.check()
-        classes = local_classes(self.layout.cache)  # JavaBuildError (a BackendUnavailable) says what to install
+        classes = local_classes(self.layout.private_dir(self.layout.cache))  # JavaBuildError (a BackendUnavailable) says what to install
         rec = new_instance(self.layout, self.name)
         sock = os.path.join(rec.dir, "agent.sock")
         cmd = [self.python, "-m", AGENT_MODULE, "--socket", sock,
