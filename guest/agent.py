@@ -111,6 +111,7 @@ class Agent:
             P.OP_HOLD: (INLINE, self.hold),
             P.OP_RESUME: (INLINE, self.resume),
             P.OP_CLOCK: (INLINE, self.clock_notice),
+            P.OP_WEB: (INLINE, self.web_settings),
             P.OP_COMPLETE: (QUESTION, self.complete),
             P.OP_INSPECT: (QUESTION, self.inspect),
             P.OP_EXEC: (MAIN, self.execute),
@@ -316,6 +317,10 @@ class Agent:
     def clock_notice(self, req: Request) -> None:
         """The host's clock (``now_ns``, observed in _dispatch for every request): no reply."""
         return None
+
+    def web_settings(self, req: Request) -> dict:
+        """Settings of Deephaven's web UI: ``time_zone``, the zone it shows times in."""
+        return {"time_zone": self.dh.set_web_time_zone(str(req.header.get("time_zone")))}
 
     def complete(self, req: Request) -> dict:
         h = req.header

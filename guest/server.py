@@ -61,6 +61,7 @@ class Deephaven:
         # Deephaven's web UI offers the login its server names: name the PSK type our handler answers to,
         # so /ide/?psk=KEY logs in.
         jpy.get_type("io.deephaven.configuration.Configuration").getInstance().setProperty("AuthHandlers", PSK_TYPE)
+        self.set_web_time_zone(P.DEFAULT_WEB_TIME_ZONE)
         self._auth = jpy.get_type(AUTH_HANDLER)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
@@ -81,6 +82,19 @@ class Deephaven:
     def set_key(self, key: str | None) -> None:
         """The key logins must present from now on (None: refuse all)."""
         self._auth.setKey(key or None)
+
+    def set_web_time_zone(self, zone: str) -> str:
+        """The time zone Deephaven's web UI shows times in: its ``timeZone`` setting, which the web UI
+        reads from the server's client configuration on every page load. An unknown zone raises."""
+        import jpy
+
+        jpy.get_type("java.time.ZoneId").of(zone)  # raises for a name Java does not know
+        conf = jpy.get_type("io.deephaven.configuration.Configuration").getInstance()
+        names = [n for n in conf.getStringWithDefault("client.configuration.list", "").split(",") if n]
+        if "timeZone" not in names:
+            conf.setProperty("client.configuration.list", ",".join([*names, "timeZone"]))
+        conf.setProperty("timeZone", zone)
+        return zone
 
     @property
     def has_key(self) -> bool:

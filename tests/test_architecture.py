@@ -22,7 +22,7 @@ LAYERS = [
     ("conversation", {"result", "client", "live"}),
     ("backends", {"vm", "vm.*"}),
     ("image build", {"prepare", "prepare.*"}),
-    ("sessions", {"session", "checkpoint"}),
+    ("sessions", {"session", "checkpoint", "weblinks"}),
     ("front ends", {"display", "magic", "kernel", "kernelspec", "cluster", "provisioner", "local_provisioner", "cli", "__main__", "__init__"}),
 ]
 

@@ -117,11 +117,11 @@ def test_ide_shows_a_link_and_the_tables_view_and_a_clear_error_for_other_names(
     res, cap = run(ip, "%dhvm ide ide_t")
     assert res.success
     (shown,) = [o.data for o in cap.outputs]
-    assert "/iframe/table/?name=ide_t&psk=" in shown["text/plain"]
+    assert "/dhvm/open/" in shown["text/plain"] and "psk=" not in shown["text/plain"] + shown["text/html"]
     assert '<a href="' in shown["text/html"] and "<iframe src=" in shown["text/html"]
     res, cap = run(ip, "%dhvm ide")
     (shown,) = [o.data for o in cap.outputs]
-    assert "/ide/?psk=" in shown["text/plain"] and "<iframe" not in shown["text/html"], "the console is a link only"
+    assert "/dhvm/open/" in shown["text/plain"] and "<iframe" not in shown["text/html"], "the console is a link only"
     res, cap = run(ip, "%dhvm ide ide_n")
     assert not res.success and "UsageError" in cap.stdout and "builtins.int" in cap.stdout
     assert "Traceback" not in cap.stdout, "a DhvmError shows as its message alone"

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,8 @@ def _check_server_refuses_strangers(session) -> None:
     with session.pydeephaven_session() as dh:
         dh.run_script("from_pydeephaven = 42")
     assert session.execute("print(from_pydeephaven)").stdout == "42\n"
-    assert session.deephaven_url().endswith(f"/ide/?psk={key}")
+    with urllib.request.urlopen(session.deephaven_url(), timeout=30) as resp:  # a one-time link to it
+        assert resp.url.endswith(f"/ide/?psk={key}")
     # The key is in no file of the instance and in no process's argv.
     for path in Path(session.instance.dir).rglob("*"):
         if path.is_file() and path.stat().st_size < 50_000_000:

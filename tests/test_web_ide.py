@@ -1,6 +1,6 @@
 """Deephaven's web IDE in a real browser (Debian's Chromium driven by Playwright; never a browser
-download): the link `%dhvm status` shows logs in with the instance's key; without it, or with a
-wrong key, the IDE asks for a token. Screenshots land in build/test-artifacts/."""
+download): the one-time link `%dhvm status` shows logs in, once; without the key, or with a wrong
+key, the IDE asks for a token. Screenshots land in build/test-artifacts/."""
 
 from __future__ import annotations
 
@@ -35,21 +35,34 @@ def _with_a_chart(session, last_line: str):
     return r
 
 
-def test_the_web_ide_link_logs_in_with_the_instance_key_and_nothing_else_does(browser, dhg_home):
+def _real_url(link: str) -> str:
+    """Where a one-time link leads (it is used up by this)."""
+    from test_weblinks import open_once
+
+    status, where, _ = open_once(link)
+    assert status == 302, status
+    return where
+
+
+def test_the_web_ide_link_logs_in_once_and_nothing_else_does(browser, dhg_home):
+    """`%dhvm status`'s link opens the console, logged in, once; a second visit, the bare server, or a
+    wrong key get no console."""
     from dhg_kernel.session import Session
 
     s = Session("local", dhg_home, heap="768m")
     try:
         s.start()
-        url = s.deephaven_url()
-        base = url.split("?")[0]
-        assert url == f"{base}?psk={s.instance.key}"
+        link = s.deephaven_url()
+        assert "/dhvm/open/" in link and s.instance.key not in link
+        text = _open(browser, link, "web-ide-with-link.png", "text=Command History")
+        assert "Console" in text and "Login" not in text
+        text = _open(browser, link, "web-ide-link-used.png", "text=already used")
+        assert "%dhvm ide" in text and "Command History" not in text
+        base = f"http://127.0.0.1:{s.deephaven_address()[1]}/ide/"
         login_form = "#auth-psk-token-input"
         for shot, u in (("web-ide-no-key.png", base), ("web-ide-wrong-key.png", base + "?psk=wrong")):
             text = _open(browser, u, shot, login_form)
             assert "Login" in text and "Command History" not in text
-        text = _open(browser, url, "web-ide-with-key.png", "text=Command History")
-        assert "Console" in text and "Login" not in text
     finally:
         s.stop()
 
@@ -60,17 +73,18 @@ def test_a_deephaven_figures_link_opens_the_chart(browser, dhg_home):
     s = Session("local", dhg_home, heap="768m")
     try:
         r = _with_a_chart(s, "chart")
-        url = s.widget_url("chart")
-        assert url in r.value["text/html"].replace("&amp;", "&")
-        _open(browser, url, "deephaven-figure-link.png", ".js-plotly-plot")
-        text = _open(browser, url.split("&psk=")[0], "deephaven-figure-no-key.png", "#auth-psk-token-input")
+        link = r.value["text/plain"].split()[3]
+        assert "/dhvm/open/" in link and link in r.value["text/html"]
+        _open(browser, link, "deephaven-figure-link.png", ".js-plotly-plot")
+        bare = _real_url(s.widget_url("chart")).split("&psk=")[0]
+        text = _open(browser, bare, "deephaven-figure-no-key.png", "#auth-psk-token-input")
         assert "Login" in text, "without the key the chart is not shown"
     finally:
         s.stop()
 
 
 def test_ide_opens_the_console_a_table_or_a_figure_and_says_why_not_for_anything_else(browser, dhg_home):
-    """`%dhvm ide [NAME]`'s URL: the console, a table's own view, a figure's view — logged in; a name
+    """`%dhvm ide [NAME]`'s links: the console, a table's own view, a figure's view — logged in; a name
     that holds something else, or nothing, is a clear error."""
     from dhg_kernel.errors import UsageError
     from dhg_kernel.session import Session
@@ -79,14 +93,12 @@ def test_ide_opens_the_console_a_table_or_a_figure_and_says_why_not_for_anything
     try:
         _with_a_chart(s, "answer = 42")
         key = s.instance.key
-        assert s.ide_url() == s.deephaven_url()
-        table_url = s.ide_url("prices")
-        assert "/iframe/table/?name=prices&psk=" + key in table_url
-        text = _open(browser, table_url, "ide-table.png", ".iris-grid")
+        assert _real_url(s.ide_url()).endswith(f"/ide/?psk={key}")
+        assert "/iframe/table/?name=prices&psk=" + key in _real_url(s.ide_url("prices"))
+        text = _open(browser, s.ide_url("prices"), "ide-table.png", ".iris-grid")
         assert "Login" not in text
-        figure_url = s.ide_url("chart")
-        assert "/iframe/widget/?name=chart&psk=" + key in figure_url
-        _open(browser, figure_url, "ide-figure.png", ".js-plotly-plot")
+        assert "/iframe/widget/?name=chart&psk=" + key in _real_url(s.ide_url("chart"))
+        _open(browser, s.ide_url("chart"), "ide-figure.png", ".js-plotly-plot")
         with pytest.raises(UsageError, match="'answer' is a builtins.int, which Deephaven's web UI does not show"):
             s.ide_url("answer")
         with pytest.raises(UsageError, match="no table or figure named 'missing'"):
