@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import html
 import sys
 import threading
 from typing import Callable
 
+from . import protocol as P
 from .live import LiveUpdate
 from .result import CellResult, DisplayOutput, ExecutionError, TableResult
 
@@ -67,20 +69,31 @@ def _column_types(t: TableResult) -> list[str]:
     return out
 
 
+# A blink table keeps only the rows of its last update cycle: its size and rows are that cycle's.
+BLINK_NOTE = "blink table: it keeps only the rows added in its last update cycle; earlier rows are gone"
+
+
+def _size(t: TableResult, cols: int) -> str:
+    """``N rows × M columns`` (a blink table's N is its last cycle's)."""
+    return f"{t.rows:,} rows{' in its last update cycle' if t.blink else ''} × {cols} columns"
+
+
 def table_heading(t: TableResult, max_rows_hint: str = "-n/--max-rows") -> tuple[str, str]:
     """(plain, html) heading for a table: its name, size, whether it ticks (and when it was
     snapshotted), a truncation note, and its column types."""
     cols = t.arrow.num_columns
-    size = f"{t.rows:,} rows × {cols} columns"
+    size = _size(t, cols)
     notes = []
     if t.refreshing:
         when = t.snapshot_time.strftime("%H:%M:%S UTC") if t.snapshot_time else "when the cell ended"
-        notes.append(f"ticking table: a snapshot taken at {when}")
+        notes.append(f"{'blink' if t.blink else 'ticking'} table: a snapshot taken at {when}")
+    if t.blink:
+        notes.append(BLINK_NOTE)
     if t.truncated:
         notes.append(f"showing the first {t.arrow.num_rows:,} of {t.rows:,} rows "
                      f"(raise with {max_rows_hint} or %config Dhvm.max_rows)")
     types = _column_types(t)
-    badge = " · ticking" if t.refreshing else ""
+    badge = " · blink" if t.blink else " · ticking" if t.refreshing else ""
     plain = f"{t.name}  ({size}{badge})" + "".join(f"\n  {n}" for n in notes)
     if types:
         plain += "\n  columns: " + ", ".join(types)
@@ -118,22 +131,37 @@ def _clock(when) -> str:
     return when.strftime("%H:%M:%S UTC") if when else "-"
 
 
+# What a running view's heading says. It is also what a saved notebook keeps (JupyterLab saves the
+# last update it showed): so it names the moment of the data, never just "live".
+RUNNING = "snapshot at {when} (live while the kernel runs; re-run the cell to resume)"
+
+
+def live_state(when, stopped: str | None = None, ticking: bool = True) -> str:
+    """A live view's state in words: running, stopped (and why), or a static table's one snapshot."""
+    if stopped:
+        return f"○ stopped ({stopped}) · final snapshot at {_clock(when)}"
+    if not ticking:
+        return f"static table (it does not tick) · snapshot at {_clock(when)}"
+    return RUNNING.format(when=_clock(when))
+
+
 def live_bundle(t: TableResult, state: str, rows_note: str, df, stopped: bool = False) -> dict:
     """The MIME bundle of a live view: a heading (name, size, state, which rows) over the rows."""
     import pandas as pd
 
     cols = len(t.columns) or t.arrow.num_columns
-    size = f"{t.rows:,} rows × {cols} columns"
+    size = _size(t, cols)
     types = " · ".join(_column_types(t))
-    mark = "○" if stopped else "●"
     color = "#777" if stopped else "#0a7d32"
-    plain = f"{t.name}  ({size}) {mark} {state}\n  {rows_note}" + (f"\n  columns: {types}" if types else "")
+    if t.blink:
+        rows_note = f"{BLINK_NOTE} · {rows_note}"
+    plain = f"{t.name}  ({size}) {state}\n  {rows_note}" + (f"\n  columns: {types}" if types else "")
     with pd.option_context("display.show_dimensions", False, "display.max_rows", max(len(df), 10)):
         body_text, body_html = df.to_string(), df.to_html(border=0)
     rich = (f"<div class='dhvm-live' data-table='{html.escape(t.name)}' data-rows='{t.rows}'>"
             f"<h4 style='margin:0.6em 0 0.2em 0'><code>{html.escape(t.name)}</code> "
             f"<small style='font-weight:normal'>{size}</small> "
-            f"<small style='color:{color};font-weight:normal'>{mark} {html.escape(state)}</small></h4>"
+            f"<small style='color:{color};font-weight:normal'>{html.escape(state)}</small></h4>"
             f"<p style='margin:0 0 0.2em 0;color:#666'><small>{html.escape(rows_note)}"
             + (f" · {html.escape(types)}" if types else "") + "</small></p>"
             f"{body_html}</div>")
@@ -154,7 +182,9 @@ class LiveView:
         from IPython.display import display
 
         self.rows, self.head, self.rate = rows, head, rate
+        self.watch = first.watch or first.name
         self.last: LiveUpdate | None = None
+        self.skipped = 0  # snapshots that showed what was already shown (not sent again)
         self._lock = threading.Lock()
         df = first.df
         if first.truncated or head:
@@ -162,18 +192,14 @@ class LiveView:
         else:
             df, which = df.tail(rows), f"last {min(rows, len(df)):,} rows"
         self._first = first
-        self.handle = display(live_bundle(first, f"live · snapshot at {_clock(first.snapshot_time)}",
+        self.handle = display(live_bundle(first, live_state(first.snapshot_time),
                                           f"{which} · starting the live view…", df), raw=True, display_id=True)
 
     def _bundle(self, u: LiveUpdate, stopped: str | None = None) -> dict:
         t = u.table
+        assert t is not None
         which = f"{'first' if u.head else 'last'} {t.arrow.num_rows:,} rows"
-        if stopped:
-            state = f"stopped ({stopped}) · final snapshot at {_clock(t.snapshot_time)}"
-        elif u.ticking:
-            state = f"live · updated {_clock(u.updated or t.snapshot_time)}"
-        else:
-            state = f"static table (it does not tick) · snapshot at {_clock(t.snapshot_time)}"
+        state = live_state(t.snapshot_time, stopped, u.ticking)
         rate = f" · at most {self.rate:g} updates/s" if u.ticking and not stopped else ""
         df = t.df
         if not u.head:
@@ -185,6 +211,12 @@ class LiveView:
 
     def update(self, u: LiveUpdate) -> None:
         with self._lock:
+            last = self.last.table if self.last is not None else None
+            if last is not None and u.table is not None and last.rows == u.table.rows \
+                    and last.arrow.equals(u.table.arrow):
+                # The same rows again: no update, so no change a front end must save ("Save changes?").
+                self.skipped += 1
+                return
             self.last = u
             if self.handle is not None:
                 self.handle.update(self._bundle(u), raw=True)
@@ -198,12 +230,77 @@ class LiveView:
                 self.handle.update(self._bundle(self.last, stopped=why), raw=True)
             else:
                 t = self._first
-                self.handle.update(live_bundle(t, f"stopped ({why}) · snapshot at {_clock(t.snapshot_time)}",
-                                               "the live view never started", t.df.head(self.rows), stopped=True),
-                                   raw=True)
+                self.handle.update(live_bundle(t, live_state(t.snapshot_time, why), "the live view never started",
+                                               t.df.head(self.rows), stopped=True), raw=True)
 
 
-def show_display(out: DisplayOutput, live: Callable[[TableResult], bool] | None = None) -> None:
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+PLOTLY_DEFAULT_HEIGHT = 360  # what JupyterLab's Plotly renderer gives a layout without a height
+# Each update redraws the whole plot (below): faster, a busy browser would never finish drawing one.
+FIGURE_MAX_RATE = 1.0
+
+
+class FigureView:
+    """A live plotly-express figure in the notebook: a heading (its name and state) over the plot, each
+    an output of its own display id, updated with every snapshot of the figure and left on the last one
+    (marked stopped) when the view ends."""
+
+    def __init__(self, shown: DisplayOutput, rate: float):
+        from IPython.display import display
+
+        self.watch = str(shown.transient[P.TRANSIENT_WATCH])
+        self.rate = min(rate, FIGURE_MAX_RATE)
+        self.last: LiveUpdate | None = None
+        self.skipped = 0
+        self._lock = threading.Lock()
+        self._name = "figure" if self.watch.startswith("_") else self.watch
+        self._shown = shown.data
+        now = datetime.datetime.now(datetime.timezone.utc)  # (the cell's own plot was made just now)
+        self.heading = display(self._heading(live_state(now), "starting the live view…"), raw=True, display_id=True)
+        self.handle = display(shown.data, raw=True, metadata=shown.metadata or None, display_id=True)
+
+    def _heading(self, state: str, note: str, stopped: bool = False) -> dict:
+        color = "#777" if stopped else "#0a7d32"
+        return {"text/plain": f"{self._name}  (plotly-express figure) {state}\n  {note}",
+                "text/html": f"<div class='dhvm-figure' data-figure='{html.escape(self._name)}'>"
+                             f"<h4 style='margin:0.6em 0 0.2em 0'><code>{html.escape(self._name)}</code> "
+                             f"<small style='font-weight:normal'>plotly-express figure</small> "
+                             f"<small style='color:{color};font-weight:normal'>{html.escape(state)}</small></h4>"
+                             f"<p style='margin:0 0 0.2em 0;color:#666'><small>{html.escape(note)}</small></p></div>"}
+
+    def update(self, u: LiveUpdate) -> None:
+        with self._lock:
+            if u.figure is None or (self.last is not None and u.figure == self.last.figure):
+                self.skipped += 1  # the same plot again: nothing to send
+                return
+            self.last = u
+            note = f"plotted from its tables' data · at most {self.rate:g} updates/s" if u.ticking else "static"
+            self.heading.update(self._heading(live_state(u.taken, ticking=u.ticking), note), raw=True)
+            # JupyterLab's Plotly renderer draws a plot once and ignores updates of it; an output whose
+            # MIME type changed is rendered anew. So: a placeholder of the plot's height, then the plot.
+            layout = (u.figure.get(PLOTLY_MIME) or {}).get("layout") or {}
+            height = int(layout.get("height") or PLOTLY_DEFAULT_HEIGHT)
+            self.handle.update({"text/plain": "(redrawing)", "text/html": f"<div style='height:{height}px'></div>"},
+                               raw=True)
+            self.handle.update(u.figure, raw=True)
+
+    def end(self, why: str) -> None:
+        why = LIVE_ENDINGS.get(why, why).format(name=self.watch)
+        with self._lock:
+            when = self.last.taken if self.last is not None else None
+            self.heading.update(self._heading(live_state(when, why), "the plot below is its last snapshot"
+                                              if self.last is not None else "the live view never started",
+                                              stopped=True), raw=True)
+
+
+def live_view(first: "TableResult | DisplayOutput", rows: int, head: bool, rate: float) -> "LiveView | FigureView":
+    """The notebook output of a live view of a ticking table's result, or of a ticking figure's display."""
+    if isinstance(first, DisplayOutput):
+        return FigureView(first, rate)
+    return LiveView(first, rows, head, rate)
+
+
+def show_display(out: DisplayOutput, live: "Callable[[TableResult | DisplayOutput], bool] | None" = None) -> None:
     """Rich output from the VM, at the moment it arrives: ``display_data``, ``update_display_data``,
     ``clear_output``, or a displayed Deephaven table (rendered like a result table)."""
     from IPython.display import clear_output, publish_display_data
@@ -215,8 +312,11 @@ def show_display(out: DisplayOutput, live: Callable[[TableResult], bool] | None 
             show_table(out.table)
     elif out.kind == "clear":
         clear_output(wait=out.wait)
+    elif out.kind == "display" and out.transient.get(P.TRANSIENT_WATCH) and live and live(out):
+        pass  # a ticking figure, shown as a live view
     else:
-        publish_display_data(out.data, out.metadata, transient=out.transient, update=out.kind == "update")
+        transient = {k: v for k, v in out.transient.items() if k != P.TRANSIENT_WATCH}
+        publish_display_data(out.data, out.metadata, transient=transient, update=out.kind == "update")
 
 
 def show_in_ipython(result: CellResult, *, quiet: bool = False, verbose: bool = False,

@@ -12,6 +12,7 @@ message.
 from __future__ import annotations
 
 import datetime
+import json
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -33,9 +34,9 @@ def _utc(ns: int | None) -> datetime.datetime | None:
 
 @dataclass
 class LiveUpdate:
-    """One snapshot of a watched table."""
+    """One snapshot of a watched table (``table``) or plotly-express figure (``figure``)."""
 
-    table: TableResult
+    table: TableResult | None
     """The rows sent (``table.rows`` is the whole table's count; ``snapshot_time`` when it was taken)."""
     seq: int
     """0 for the first snapshot, then 1, 2…"""
@@ -44,6 +45,10 @@ class LiveUpdate:
     ticking: bool
     head: bool
     """The first rows (True) or the last (False)."""
+    figure: dict | None = None
+    """A watched figure's MIME bundle (its Plotly JSON, and an HTML fallback) at ``taken``."""
+    taken: datetime.datetime | None = None
+    """When the server took this snapshot."""
 
 
 class LiveFeed:
@@ -80,10 +85,14 @@ class LiveFeed:
             raise DhvmError(f"{h.get('name')}: {h.get('value')}")
         if h.get("ev") != P.EV_LIVE:
             return
-        table = table_from_event({**h, "refreshing": h.get("ticking"), "snapshot_ns": h.get("taken_ns")},
-                                 frame.payloads[0], self.dtype_backend)
+        if h.get("kind") == "figure":
+            table, figure = None, json.loads(bytes(frame.payloads[0]))
+        else:
+            table = table_from_event({**h, "refreshing": h.get("ticking"), "snapshot_ns": h.get("taken_ns")},
+                                     frame.payloads[0], self.dtype_backend)
+            figure = None
         update = LiveUpdate(table, int(h.get("seq", 0)), _utc(h.get("updated_ns")), bool(h.get("ticking")),
-                            bool(h.get("head")))
+                            bool(h.get("head")), figure, _utc(h.get("taken_ns")))
         self.last = update
         self.updates += 1
         self.on_update(update)

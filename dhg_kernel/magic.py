@@ -21,12 +21,14 @@ from traitlets import Bool, Enum, Float, Integer, List, TraitError, Unicode, obs
 from . import files as files_mod
 from .config import (DATA_EXTENSIONS, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_PUSH_MB, DEFAULT_MAX_ROWS,
                      DEFAULT_TIMEOUT_S, default_backend, default_mode)
-from .display import LiveView, format_mapping, show_display, show_in_ipython
+from .display import format_mapping, live_view, show_display, show_in_ipython
 from .errors import UsageError
 from .live import DEFAULT_LIVE_RATE, DEFAULT_LIVE_ROWS
-from .result import CellResult, RemoteValue, TableResult
+from .result import CellResult, DisplayOutput, RemoteValue, TableResult
 from .session import Session
 from .tables import DTYPE_BACKENDS
+from . import weblinks
+from .protocol import DEFAULT_WEB_TIME_ZONE
 
 # Pixels of an embedded table or figure view (%dhvm ide NAME).
 IDE_FRAME_HEIGHT = 420
@@ -65,6 +67,23 @@ class Dhvm(Magics):
     snapshot = Unicode(os.environ.get("DHG_SNAPSHOT", ""), help="A checkpoint (dhvm checkpoint list) that every new "
                        "server starts from, per-cell and warm-pool VMs too; empty: the base snapshot. "
                        "Default: $DHG_SNAPSHOT.").tag(config=True)
+    memory_headroom_mb = Integer(None, allow_none=True, help="MiB a new server needs free beyond what its snapshot "
+                                 "holds in memory, or it is refused (default: $DHG_MEMORY_HEADROOM_MB or 384).").tag(config=True)
+
+    web_time_zone = Unicode(DEFAULT_WEB_TIME_ZONE, help="The time zone Deephaven's web UI (%dhvm ide, figure links) "
+                            "shows times in; an IANA name such as UTC or America/New_York. DataFrames are always "
+                            "UTC.").tag(config=True)
+
+    @validate("web_time_zone")
+    def _check_web_time_zone(self, proposal) -> str:
+        try:
+            return weblinks.check_time_zone(proposal["value"])
+        except UsageError as e:
+            raise TraitError(str(e)) from None
+
+    @observe("web_time_zone")
+    def _web_time_zone_changed(self, change) -> None:
+        weblinks.set_web_time_zone(change["new"])  # the servers get it with their next link
 
     @validate("snapshot")
     def _check_snapshot(self, proposal) -> str:
@@ -79,10 +98,12 @@ class Dhvm(Magics):
                 raise TraitError(str(e)) from None
         return name
 
-    @observe("mode", "pool_size", "snapshot")
+    @observe("mode", "pool_size", "snapshot", "memory_headroom_mb")
     def _mode_changed(self, change) -> None:
         for session in self._sessions.values():
-            if change["name"] == "mode":
+            if change["name"] == "memory_headroom_mb":
+                session.memory_headroom_mb = change["new"]
+            elif change["name"] == "mode":
                 session.set_mode(change["new"])
             elif change["name"] == "snapshot":
                 session.set_snapshot(change["new"] or None)
@@ -123,8 +144,10 @@ class Dhvm(Magics):
         snapshot = self.snapshot
         options = {**({"heap": self.heap} if self.heap else {}), **({"network": True} if self.network else {}),
                    **({"snapshot": snapshot} if snapshot else {})}
-        return Session(self.backend, self.config_dir or None, mode=self.mode, pool_size=self.pool_size,
-                       **{**options, **overrides})
+        session = Session(self.backend, self.config_dir or None, mode=self.mode, pool_size=self.pool_size,
+                          **{**options, **overrides})
+        session.memory_headroom_mb = self.memory_headroom_mb
+        return session
 
     def close(self) -> None:
         """Destroy every session's VM."""
@@ -242,7 +265,7 @@ class Dhvm(Magics):
             import pandas as pd
 
             rows = [{"table": f.name, "updates": f.updates,
-                     "rows": f.last.table.rows if f.last else None,
+                     "rows": f.last.table.rows if f.last and f.last.table else None,
                      "last update": f.last.updated if f.last else None} for f in self.session.live_views()]
             return pd.DataFrame(rows, columns=["table", "updates", "rows", "last update"])
         if cmd == "ide":
@@ -285,7 +308,7 @@ class Dhvm(Magics):
             if rest:
                 raise UsageError("usage: %dhvm checkpoints")
             rows = [c.describe() for c in checkpoints.list_all(self.session.layout)]
-            cols = ["name", "created", "tables", "size_mb", "backend", "deephaven", "base_snapshot"]
+            cols = ["name", "status", "created", "tables", "size_mb", "backend", "deephaven", "base_snapshot"]
             return pd.DataFrame([{k: r[k] for k in cols} for r in rows], columns=cols)
         if cmd == "restore":
             if len(rest) != 1:
@@ -299,7 +322,8 @@ class Dhvm(Magics):
             if rest:
                 raise UsageError("usage: %dhvm sessions")
             rows = [{"session": name, **s.summary()} for name, s in self._sessions.items()]
-            cols = ["session", "running", "age_s", "heap_used_mb", "vm_rss_mb", "tables", "started_from", "backend", "mode"]
+            cols = ["session", "running", "age_s", "heap_used_mb", "vm_rss_mb", "tables", "started_from", "backend", "mode",
+                    "ended"]
             return pd.DataFrame([{k: r.get(k) for k in cols} for r in rows], columns=cols).astype({"tables": "Int64"})
         # fork NEW
         if len(rest) != 1:
@@ -358,37 +382,44 @@ class Dhvm(Magics):
 
             show_table(first)
 
-    def _live_for(self, t: TableResult) -> bool:
-        """Show ticking table ``t`` (a cell's result) as a live view, if live views are on."""
+    def _live_for(self, t: TableResult | DisplayOutput) -> bool:
+        """Show ticking table ``t`` (a cell's result), or a ticking figure's display, as a live view, if
+        live views are on."""
         session = self._sessions.get(self._active)
-        if not self.live or not t.refreshing or session is None or session.mode != "per-session":
+        if not self.live or session is None or session.mode != "per-session":
+            return False
+        if isinstance(t, TableResult) and not t.refreshing:
             return False
         return self._start_live(t, rows=self.live_rows, head=False, rate=self.live_rate)
 
-    def _start_live(self, first: TableResult, rows: int, head: bool, rate: float) -> bool:
+    def _start_live(self, first: TableResult | DisplayOutput, rows: int, head: bool, rate: float) -> bool:
         # Only a kernel's frontend updates an output in place; a terminal would print every update anew.
         if getattr(self.shell, "kernel", None) is None:
             return False
-        view = LiveView(first, rows, head, rate)
-        self.session.watch(first.watch or first.name, view.update, view.end, rows=rows, head=head, rate=rate,
+        view = live_view(first, rows, head, rate)
+        self.session.watch(view.watch, view.update, view.end, rows=rows, head=head, rate=view.rate,
                            dtype_backend=self.dtype_backend)
         return True
 
     def _show_ide(self, name: str | None) -> None:
-        """A link to the server's web UI (and, for a table or figure, the view itself, embedded)."""
+        """A one-time link to the server's web UI (and, for a table or figure, the view itself, embedded).
+        Links carry no key (weblinks.py): the iframe and the link each get their own, as each opens once."""
         import html
 
         from IPython.display import display
 
+        from .weblinks import LINK_TTL_S
+
         url = self.session.ide_url(name)
         what = f"{name} in Deephaven's web UI" if name else "Deephaven's web UI (console)"
-        # The link carries this instance's key: it works while this session's server lives, from this machine.
+        once = (f"the link opens once, within {LINK_TTL_S / 60:.0f} min, for your user only; "
+                f"{'%dhvm ide ' + name if name else '%dhvm ide'} makes a new one")
         link = f'<a href="{html.escape(url)}" target="_blank" rel="noopener">Open {html.escape(what)}</a>'
-        frame = f'<iframe src="{html.escape(url)}" width="100%" height="{IDE_FRAME_HEIGHT}" ' \
+        frame = f'<iframe src="{html.escape(self.session.ide_url(name))}" width="100%" height="{IDE_FRAME_HEIGHT}" ' \
                 f'style="border:1px solid #ccc"></iframe>' if name else ""
-        note = _remote_browser_note(url, name)
-        display({"text/plain": f"{what}: {url}" + (f"\n{note}" if note else ""),
-                 "text/html": link + (f"<br>{frame}" if frame else "")
+        note = _remote_browser_note(url, name, self.session.deephaven_address())
+        display({"text/plain": f"{what}: {url}\n({once})" + (f"\n{note}" if note else ""),
+                 "text/html": link + f" <small>({html.escape(once)})</small>" + (f"<br>{frame}" if frame else "")
                  + (f"<p style='color:#a15c00'>{html.escape(note)}</p>" if note else "")}, raw=True)
 
     def _run(self, code: str, args):
@@ -415,7 +446,8 @@ class Dhvm(Magics):
             dtype_backend=self.dtype_backend, on_stdout=_writer(sys.stdout), on_stderr=_writer(sys.stderr),
             # -o means "give me the table": the display limit does not cut it.
             full_tables=[remote for _, remote in outputs], mode="per-cell" if args.per_cell else None,
-            on_display=lambda out: show_display(out, live=None if live_off else self._live_for), inputs=inputs)
+            on_display=lambda out: show_display(out, live=None if live_off else self._live_for), inputs=inputs,
+            execution_count=self.shell.displayhook.prompt_count if self.shell is not None else None)
         if self.session.notice:
             print(self.session.notice, file=sys.stderr)
             self.session.notice = None
@@ -471,15 +503,18 @@ class Dhvm(Magics):
             self.shell.user_ns[local] = table.df
 
 
-def _remote_browser_note(url: str, name: str | None) -> str | None:
+def _remote_browser_note(url: str, name: str | None, server: tuple[str, int] | None) -> str | None:
     """Under JupyterHub the browser is usually on another machine and cannot reach this host's
-    127.0.0.1: say how to get there. (Deephaven's web UI does not work through jupyter-server-proxy:
-    its pages load under /proxy/PORT/, but its API calls go to the server's root; see the README.)"""
+    127.0.0.1: say how to get there (the link broker's port and the server's). (Deephaven's web UI does
+    not work through jupyter-server-proxy: its pages load under /proxy/PORT/, but its API calls go to
+    the server's root; see the README.)"""
     if not os.environ.get("JUPYTERHUB_SERVICE_PREFIX"):
         return None
-    port = urllib.parse.urlsplit(url).port
+    from .weblinks import tunnel_args
+
+    port = server[1] if server else urllib.parse.urlsplit(url).port
     return (f"This notebook runs under JupyterHub, so your browser may not reach this machine's 127.0.0.1. "
-            f"Tunnel the port first (ssh -L {port}:127.0.0.1:{port} THIS_HOST), or watch the table here with "
+            f"Tunnel the ports first (ssh {tunnel_args(port)} THIS_HOST), or watch the table here with "
             f"a live view: %dhvm show {name or 'NAME'}")
 
 
@@ -504,6 +539,11 @@ def _name_pair(flag: str, spec: str, other: str, check_remote: bool = True) -> t
 def _writer(stream):
     # No flush per write: ipykernel's stream flushes on its own short interval, which merges the
     # pieces of one print() into one output instead of four.
+    # The stream class's own write: IPython 9 wraps the instance's during a cell to keep a copy of every
+    # write (history_manager.outputs, unbounded: a VM cell printing 200 MB kept 200 MB in the kernel).
+    # CellResult keeps a bounded tail of the VM's output instead.
+    if "write" in getattr(stream, "__dict__", {}) and hasattr(type(stream), "write"):
+        return type(stream).write.__get__(stream)
     return stream.write
 
 

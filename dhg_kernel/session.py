@@ -10,8 +10,6 @@ into a ``CellResult``. A dead agent becomes an error in the cell; the next cell 
 from __future__ import annotations
 
 import atexit
-import html
-import urllib.parse
 import hashlib
 import os
 import signal
@@ -32,16 +30,11 @@ from .instances import reap_stale
 from .live import DEFAULT_LIVE_RATE, DEFAULT_LIVE_ROWS, LiveFeed, LiveUpdate
 from .pool import WarmPool
 from .result import CellEvents, CellResult, DisplayOutput, ExecutionError, Stream, TableResult, table_from_event
-from .vm import Backend, Instance, choose_backend, get_backend
+from .vm import Backend, Instance, choose_backend, get_backend, memory
+from . import weblinks
+from .weblinks import PSK_AUTH_TYPE, WEB_VIEWS  # noqa: F401 - where callers found them
 
 __all__ = ["Session", "DhvmError", "AgentDied", "AgentUnresponsive", "AnswerAbandoned", "start_agent", "ReadyAgent"]
-# The auth type Deephaven's clients send for a pre-shared key (the agent's handler answers to it).
-PSK_AUTH_TYPE = "io.deephaven.authentication.psk.PskAuthenticationHandler"
-
-
-# Which view of Deephaven's web UI shows an object, by its class name: tables (``/iframe/table/``),
-# Deephaven's Figure and plotly-express's figures (``/iframe/widget/``).
-WEB_VIEWS = {"Table": "table", "Figure": "widget", "DeephavenFigure": "widget"}
 
 # A file whose status changed this close to when it was read may change again within the same clock
 # tick without its ctime moving: its status is not trusted, its content is compared (racy-git rule).
@@ -87,17 +80,19 @@ class ReadyAgent:
 
 
 def start_agent(backend: Backend, checkpoint: str | None = None, make: Callable[[], Instance] | None = None,
-                origin: str | None = None) -> ReadyAgent:
+                origin: str | None = None, headroom_mb: int | None = None) -> ReadyAgent:
     """Start (restore) an instance and greet its agent. (Backends that restore snapshots reseed the
     guest's clock and entropy themselves, before handing the instance over.) ``checkpoint``: restore
     that one instead of the backend's usual start; ``make``: how to get the instance instead (a fork),
-    and ``origin`` what it started from."""
+    and ``origin`` what it started from; ``headroom_mb``: see ``memory.check_room``."""
     t0 = time.perf_counter()
+    memory.check_room(backend, checkpoint, headroom_mb)  # NotEnoughMemory: refused before anything starts
     try:
         instance = make() if make else backend.start(checkpoint) if checkpoint else backend.start()
     except OSError as e:  # a run dir that cannot be made, a binary that cannot be run
         raise AgentStartError(f"the {backend.name} backend could not start an instance: {e}. "
                               f"Check DHG_HOME's permissions and free space, then run: dhvm status") from None
+    memory.watch(instance)  # so a later death by the host's OOM killer is recognised
     try:
         client = instance.open_client(timeout=30)
         hello = client.hello(timeout=30)
@@ -138,6 +133,10 @@ class Session:
         self._feeds: list[LiveFeed] = []
         """Live views of tables in the session's server (they end with it)."""
         self._lock = threading.RLock()
+        self.memory_headroom_mb: int | None = None
+        """Memory a start needs beyond its snapshot's size (None: ``memory.DEFAULT_HEADROOM_MB``)."""
+        self.ended: str | None = None
+        """Why the session's last server died, once it is found dead (``%dhvm sessions`` says it)."""
         _live_sessions.add(self)
         install_exit_hooks()
 
@@ -178,7 +177,7 @@ class Session:
 
     def _launch(self, checkpoint: str | None = None) -> ReadyAgent:
         reap_stale(self.layout)
-        return start_agent(self.backend, checkpoint)
+        return start_agent(self.backend, checkpoint, headroom_mb=self.memory_headroom_mb)
 
     @property
     def pool(self) -> WarmPool:
@@ -328,15 +327,17 @@ class Session:
             live = self._to_copy("fork", "%dhvm fork NEW")
             child = Session(self.backend_name, self.layout.home, mode="per-session",
                             **{**self.backend_options, "snapshot": self.snapshot})
+            child.memory_headroom_mb = self.memory_headroom_mb
             origin = origin or f"fork of {live.instance.id}"
             if getattr(self.backend, "fork", None) is not None:  # a running VM copied into a new one (QEMU)
-                child.live = start_agent(child.backend, origin=origin,
+                child.live = start_agent(child.backend, origin=origin, headroom_mb=self.memory_headroom_mb,
                                          make=lambda: cp.fork(self.backend, live.instance, live.client))
                 return child
             name = f"fork-{secrets.token_hex(6)}"
             self.checkpoint(name, temporary=True)
             try:
-                child.live = start_agent(child.backend, checkpoint=name, origin=origin)
+                child.live = start_agent(child.backend, checkpoint=name, origin=origin,
+                                         headroom_mb=self.memory_headroom_mb)
             finally:
                 # A running restore holds the memory file open; the name is no longer needed.
                 checkpoints.remove(self.layout, name)
@@ -344,9 +345,19 @@ class Session:
 
     def summary(self) -> dict:
         """One line of ``%dhvm sessions``: running, since when, memory, what it started from."""
+        live = self.live
+        if live is not None and (live.client.dead is not None or not live.instance.alive()) \
+                and self._lock.acquire(timeout=1):
+            try:
+                if live is self.live:  # found dead: reaped now, told as dead, replaced by the next cell
+                    self._bury(live)
+            finally:
+                self._lock.release()
+            live = self.live
         out: dict = {"backend": self.backend_name, "mode": self.mode, "running": self.running,
                      "snapshot": self.snapshot or "base"}
-        live = self.live
+        if live is None and self.ended:
+            out["ended"] = self.ended
         if live is not None:
             out["age_s"] = round(time.time() - live.started, 1)
             out["started_from"] = live.checkpoint or "base"
@@ -385,18 +396,27 @@ class Session:
             datas.append(data)
         return metas, datas, record
 
-    def _lost(self, live: ReadyAgent, announce: str | None = None) -> str:
+    def _lost(self, live: ReadyAgent, announce: str | None = None, why: str | None = None) -> str:
         """Tear down a dead or stuck instance; returns its log tail for the error message.
 
-        ``announce``: what to tell the user in the next cell (when no cell's error says it already).
+        ``announce``: what to tell the user in the next cell (when no cell's error says it already);
+        ``why``: what ``%dhvm sessions`` says ended it.
         """
         tail = live.instance.log_tail()
         live.close()
         if live is self.live:
             self.live = None
+            self.ended = why or announce
             if announce:
                 self._announcements.append(announce)
         return tail
+
+    def _bury(self, live: ReadyAgent) -> None:
+        """Reap the session's server found dead between requests; why it died goes to ``ended`` and the next cell."""
+        cause = None if live.client.death else memory.death_cause(live.instance)  # before _lost's own kill
+        why = cause.told() if cause else live.client.dead or "its process exited"
+        self._lost(live, f"the session's VM was lost since the last cell ({why}); "
+                         f"this cell runs in a fresh VM, and variables and tables of earlier cells are gone", why)
 
     def take_announcements(self) -> list[str]:
         """The replacements not yet told (and forget them): for ``dhvm exec`` and the magic."""
@@ -409,9 +429,7 @@ class Session:
         self.start()
         assert self.live is not None
         if self.live.client.dead is not None:
-            why = self.live.client.dead
-            self._lost(self.live, f"the session's VM was lost since the last cell ({why}); "
-                                  f"this cell runs in a fresh VM, and variables and tables of earlier cells are gone")
+            self._bury(self.live)
             self.start()
         assert self.live is not None
         return self.live
@@ -421,8 +439,10 @@ class Session:
                 on_stdout: Stream | None = None, on_stderr: Stream | None = None,
                 full_tables: Sequence[str] = (), mode: str | None = None,
                 on_display: Callable[[DisplayOutput], None] | None = None,
-                inputs: Sequence[CellInput] = ()) -> CellResult:
+                inputs: Sequence[CellInput] = (), execution_count: int | None = None) -> CellResult:
         """Run one cell; output is streamed to the callbacks as it arrives.
+
+        ``execution_count``: the notebook's prompt number, which names the cell in VM tracebacks.
 
         ``inputs`` (``-i``) are bound in the VM before the cell runs: tables as Deephaven tables.
         ``full_tables`` are fetched whole (for ``-o``) from the same server before a per-cell VM goes;
@@ -439,7 +459,7 @@ class Session:
                     on_stderr(line)
             try:
                 result = self._run_cell(live, code, files, max_rows, timeout, dtype_backend, on_stdout, on_stderr,
-                                        on_display, inputs)
+                                        on_display, inputs, execution_count)
                 result.stderr = "".join(told) + result.stderr
                 if result.error is None:
                     self._fetch_full(live, result, full_tables, dtype_backend)
@@ -453,10 +473,12 @@ class Session:
     def _run_cell(self, live: ReadyAgent, code: str, files: Sequence[PushFile], max_rows: int | None,
                   timeout: float | None, dtype_backend: str, on_stdout: Stream | None,
                   on_stderr: Stream | None, on_display: Callable[[DisplayOutput], None] | None = None,
-                  inputs: Sequence[CellInput] = ()) -> CellResult:
+                  inputs: Sequence[CellInput] = (), execution_count: int | None = None) -> CellResult:
         metas, datas, record = self._files_to_send(live, files)
         result = CellResult(backend=f"{self.backend_name} ({live.instance.id})", files=[m["path"] for m in metas])
         header = {"op": P.OP_EXEC, "code": code, "options": {"max_rows": max_rows}}
+        if execution_count is not None:
+            header["execution_count"] = execution_count
         if metas:
             header["files"] = metas  # their payloads come first, in order
         if inputs:  # each input's payload follows, named by its index
@@ -468,15 +490,17 @@ class Session:
         try:
             done = live.client.request(header, datas, events, timeout=timeout)
         except AgentUnresponsive as e:
-            tail = self._lost(live)
+            tail = self._lost(live, why=str(e))
             result.status = "cancelled"
             result.error = ExecutionError("KeyboardInterrupt", f"{e}; the {self.backend_name} instance was "
                                           "replaced and its state (tables, variables) is lost. "
                                           "The next cell starts a fresh server.", [tail])
         except AgentDied as e:
-            tail = self._lost(live)
+            cause = None if e.death else memory.death_cause(live.instance)  # before _lost's own kill
+            message = _death_message(e, self.backend_name, cause)
+            tail = self._lost(live, why=message)
             result.status = "error"
-            result.error = ExecutionError("AgentDied", _death_message(e, self.backend_name), [tail])
+            result.error = ExecutionError("AgentDied", message, [tail])
         else:
             if "exec_ms" in done.get("timings", {}):
                 live.pushed.update(record)  # the files were written (even if the cell then failed)
@@ -513,9 +537,11 @@ class Session:
             done = live.client.request(header, (), collect, timeout=timeout, abandon=abandon, rid=rid, grace=grace)
         except (AgentDied, AgentUnresponsive) as e:
             what = header.get("op")
+            cause = memory.death_cause(live.instance) if isinstance(e, AgentDied) and not e.death else None
+            why = cause.told() if cause else _first_line(e)
             tail = self._lost(live, f"the session's VM was replaced after it failed during a '{what}' request "
-                                    f"({_first_line(e)}); variables and tables of earlier cells are gone")
-            raise AgentDied(f"{e}\n{tail}", getattr(e, "death", None)) from None
+                                    f"({why}); variables and tables of earlier cells are gone", why)
+            raise AgentDied(f"{cause.cell_error() if cause else e}\n{tail}", getattr(e, "death", None)) from None
         if errors:
             raise AgentRefused(f"{errors[0].get('name')}: {errors[0].get('value')}")
         return done
@@ -671,92 +697,29 @@ class Session:
         """Agent statistics (cells run, memory, uptime)."""
         return {k: v for k, v in self._simple({"op": P.OP_STATS}).items() if k not in ("ev", "re", "status")}
 
+    # Web links (weblinks.py): outputs carry one-time links of this process's link broker, never the key.
     def deephaven_address(self) -> tuple[str, int] | None:
         """Where the host reaches the session's Deephaven server (127.0.0.1 and a port), if running."""
-        if self.live is None:
-            return None
-        port = self.live.instance.record.info.get("deephaven_port")  # a VM's forwarded port
-        if port is None:
-            port = (self.info.get("server") or {}).get("port")  # a local agent's own
-        return ("127.0.0.1", int(port)) if port else None
+        return weblinks.deephaven_address(self)
 
     def widget_url(self, name: str) -> str | None:
-        """The web UI's view of one widget (a Deephaven Figure) by the variable that holds it."""
-        addr = self.deephaven_address()
-        if addr is None:
-            return None
-        key = self.live.instance.key if self.live else None
-        return (f"http://{addr[0]}:{addr[1]}/iframe/widget/?name={urllib.parse.quote(name)}"
-                + (f"&psk={key}" if key else ""))
+        """A one-time link to the web UI's view of one widget (a Deephaven Figure) by the variable that holds it."""
+        return weblinks.widget_url(self, name)
 
     def _widget_links(self, data: dict) -> dict:
-        """A bundle naming a Deephaven widget gets a link to it in the server's web UI."""
-        spec = data.get(P.MIME_DEEPHAVEN_WIDGET)
-        name = spec.get("name") if isinstance(spec, dict) else None
-        url = self.widget_url(name) if name else None
-        if not url:
-            return data
-        lasts = " (per-cell mode: the server is gone after this cell)" if self.mode == "per-cell" else ""
-        label = html.escape(f"Deephaven figure {name}: open it in the web UI{lasts}")
-        return {**data, "text/plain": f"Deephaven figure {name}: {url}{lasts}",
-                "text/html": f'<a href="{html.escape(url)}" target="_blank" rel="noopener">{label}</a>'}
+        return weblinks.widget_links(self, data)
 
     def ide_url(self, name: str | None = None) -> str:
-        """The server's web UI, logged in with this instance's key: the whole console, or one table or
-        figure (Deephaven's ``/iframe/table/`` and ``/iframe/widget/`` views) by the variable holding it.
-        Starts the session's server if needed; a name that holds neither is a UsageError."""
-        if self.mode == "per-cell":
-            raise self._per_cell_note("no server to open")
-        with self._lock:
-            self.start()
-            assert self.live is not None
-            query: dict[str, str] = {}
-            path = "/ide/"
-            if name is not None:
-                path = f"/iframe/{self._web_kind(self.live, name)}/"
-                query["name"] = name
-            if self.live.instance.key:
-                query["psk"] = self.live.instance.key
-            host, port = self.deephaven_address() or ("127.0.0.1", 0)
-            return f"http://{host}:{port}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
-
-    def _web_kind(self, live: ReadyAgent, name: str) -> str:
-        """"table" or "widget" (a figure): which web UI view shows the object ``name`` holds, by its
-        type as the agent's inspection names it (``prices: deephaven.table.Table``)."""
-        if not name.isidentifier():
-            raise UsageError(f"{name!r} is not a variable name; write %dhvm ide NAME (or %dhvm ide for the console)")
-        found = self._request(live, {"op": P.OP_INSPECT, "code": name, "cursor_pos": len(name), "detail_level": 0})
-        if not found.get("found"):
-            raise UsageError(f"there is no table or figure named {name!r} in the session (%dhvm tables lists the "
-                             f"tables); %dhvm ide without a name opens the console")
-        kind = (found.get("data", {}).get("text/plain", "").splitlines() or [""])[0].partition(": ")[2]
-        view = WEB_VIEWS.get(kind.rsplit(".", 1)[-1])
-        if view is None:
-            raise UsageError(f"{name!r} is a {kind or 'value'}, which Deephaven's web UI does not show; it shows "
-                             f"tables and figures. %dhvm ide without a name opens the console")
-        return view
+        """A one-time link to the server's web UI (the console, or the table or figure ``name`` holds)."""
+        return weblinks.ide_url(self, name)
 
     def deephaven_url(self) -> str | None:
-        """The web IDE of the session's server, logged in with this instance's key (give it to no one)."""
-        addr = self.deephaven_address()
-        if addr is None:
-            return None
-        key = self.live.instance.key if self.live else None
-        return f"http://{addr[0]}:{addr[1]}/ide/" + (f"?psk={key}" if key else "")
+        """A one-time link to the web IDE of the running server (None: none running)."""
+        return weblinks.console_link(self)
 
     def pydeephaven_session(self, **kwargs):
         """A pydeephaven Session on the session's server, logged in with this instance's key."""
-        try:
-            from pydeephaven import Session as DhSession
-        except ImportError:
-            raise UsageError("pydeephaven is not installed; run: pip install 'dhg_kernel[client]'") from None
-
-        with self._lock:
-            self.start()
-            host, port = self.deephaven_address() or ("127.0.0.1", 0)
-            assert self.live is not None
-            return DhSession(host=host, port=port, auth_type=PSK_AUTH_TYPE, auth_token=self.live.instance.key or "",
-                             **kwargs)
+        return weblinks.pydeephaven_session(self, **kwargs)
 
     def status(self) -> dict:
         """What ``%dhvm status`` shows: backend, instance, server, without starting anything."""
@@ -776,12 +739,7 @@ class Session:
         if self.instance is not None:
             out["instance"] = self.instance.describe()
             out["server"] = self.info.get("server")
-            out["web_ide"] = self.deephaven_url()
-            addr = self.deephaven_address()
-            if cluster_host and addr:
-                # The server's port is on the kernel host's loopback, not on the machine of the browser.
-                out["web_ide_from_your_machine"] = (f"first run: ssh -N -L {addr[1]}:127.0.0.1:{addr[1]} {cluster_host} "
-                                                    "(then open web_ide)")
+            out.update(weblinks.status_fields(self, cluster_host))
             out["deephaven_version"] = self.info.get("deephaven_version")
             out["files_pushed"] = len(self.pushed)
             out["started_from"] = f"checkpoint {self.live.checkpoint}" if self.live.checkpoint else "base snapshot"
@@ -807,9 +765,11 @@ def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 
-def _death_message(e: AgentDied, backend: str) -> str:
-    """What a cell says when its server died under it: why (from the VM's init when it could tell), what
-    is lost, and what to do."""
+def _death_message(e: AgentDied, backend: str, cause: "memory.Death | None" = None) -> str:
+    """What a cell says when its server died under it: why (from the VM's init when it could tell, or from
+    the host: its OOM killer, a kill), what is lost, and what to do."""
+    if cause is not None:
+        return cause.cell_error()
     death = e.death or {}
     what = death.get("reason") or f"the Deephaven {backend} instance died during the cell ({_first_line(e)})"
     msg = f"{what}. The next cell starts a fresh server; variables and tables are lost."

@@ -70,7 +70,8 @@ def write_files(workdir: Path, files: list[dict], payloads: list[memoryview]) ->
 
 
 class EventStream:
-    """A text stream that turns every write into a stdout/stderr event of the running cell."""
+    """A text stream that turns every write into stdout/stderr events of the running cell (a long write
+    into several, each within the protocol's header limit: nothing printed is lost or cut)."""
 
     encoding = "utf-8"
     errors = "replace"
@@ -81,11 +82,11 @@ class EventStream:
         self._ev = ev
 
     def write(self, text: str) -> int:
-        if text:
-            try:
-                self._send({"ev": self._ev, "re": self._rid, "text": str(text)})
-            except OSError:
-                pass  # the host went away; the cell still finishes
+        try:
+            for piece in P.text_chunks(str(text)):
+                self._send({"ev": self._ev, "re": self._rid, "text": piece})
+        except OSError:
+            pass  # the host went away; the cell still finishes
         return len(text)
 
     def writelines(self, lines) -> None:
@@ -142,10 +143,13 @@ class CellRunner:
 
         self.count += 1
         code = header.get("code", "")
-        filename = f"<dhvm-cell-{self.count}>"
+        cell = header.get("execution_count") or self.count  # the notebook's In[N]; a reused N keeps its code
+        filename = f"<dhvm-cell-{cell}>"
+        filename = filename if filename not in linecache.cache else f"<dhvm-cell-{cell}.{self.count}>"
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         before = {n: id(v) for n, v in list(self.ns.items()) if self.dh.is_table(v)}
-        before_figures = {n: id(v) for n, v in list(self.ns.items()) if rich.is_deephaven_figure(v)}
+        before_figures = {n: id(v) for n, v in list(self.ns.items())
+                          if rich.is_deephaven_figure(v) or rich.is_express_figure(v)}
         displayed: set[int] = set()  # tables display() showed: not shown again at the end
 
         def send_table(table, _kind: str) -> None:
@@ -155,6 +159,7 @@ class CellRunner:
             safe_send(conn, {**head, **self._watchable(name, table), "re": rid, "display": True}, [ipc])
 
         rich.outlet.send_table = send_table
+        rich.outlet.watch_name = lambda fig, name: self._watchable(name, fig, ticking=True).get("watch")
         rich.outlet.begin(lambda h, p: safe_send(conn, h, p), rid)
         t1 = time.perf_counter()
         status, last_value, last_name = self._execute(conn, rid, code, filename)
@@ -170,11 +175,16 @@ class CellRunner:
                 changed.append((last_name, last_value))
             else:
                 self._send_value(conn, rid, last_value, last_name)
-            # Deephaven Figures the cell made (or rebound) and did not return: a link each, like tables.
+            # Figures the cell made (or rebound) and did not return or display, like tables: a Deephaven
+            # Figure as a link, a plotly-express one as its plot (live, if it ticks and the host can).
             for n, v in list(self.ns.items()):
-                if not n.startswith("_") and rich.is_deephaven_figure(v) and before_figures.get(n) != id(v) \
-                        and v is not last_value:
+                if n.startswith("_") or before_figures.get(n) == id(v) or v is last_value:
+                    continue
+                if rich.is_deephaven_figure(v):
                     rich.publish(rich.deephaven_figure_bundle(v, name=n))
+                elif rich.is_express_figure(v) and id(v) not in rich.outlet.shown:
+                    rich.outlet.shown.add(id(v))
+                    rich.publish(*_named_figure(v, n))
             for name, table in changed:
                 head, ipc = self.dh.table_payload(name, table, max_rows)
                 safe_send(conn, {**head, **self._watchable(name, table), "re": rid}, [ipc])
@@ -213,28 +223,39 @@ class CellRunner:
             sys.stdout, sys.stderr = saved
         return status, last_value, last_name
 
-    def _watchable(self, name: str, table) -> dict:
-        """For a ticking table: ``{"watch": NAME}``, the scope name a live view of it can watch. A table
-        no public name holds (``time_table("PT1S")`` as the last expression) is kept under a hidden
-        one, which the live view releases when it ends."""
-        if not table.is_refreshing:
-            return {}
+    def _watchable(self, name: str, table, ticking: bool | None = None) -> dict:
+        """For a ticking table (or figure, ``ticking``): ``{"watch": NAME}``, the scope name a live view
+        of it can watch. One no public name holds (``time_table("PT1S")`` as the last expression) is
+        kept under a hidden one, which the live view releases when it ends. A blink table says so."""
+        blink = {"blink": True} if getattr(table, "is_blink", False) else {}
+        if not (table.is_refreshing if ticking is None else ticking):
+            return blink
         if name.isidentifier() and self.ns.get(name) is table:
-            return {"watch": name}
+            return {"watch": name, **blink}
         held = next((n for n, v in list(self.ns.items()) if v is table and not n.startswith("__")), None)
         if held is None:
             held = f"{LIVE_PREFIX}{self.count}_{sum(n.startswith(LIVE_PREFIX) for n in list(self.ns))}"
             self.ns[held] = table
-        return {"watch": held}
+        return {"watch": held, **blink}
 
     def _send_value(self, conn: Replies, rid, value, name: str | None) -> None:
         """The result event of a last expression's value that is not a table (tables go as tables)."""
         if rich.is_deephaven_figure(value):
             name = name if name and name.isidentifier() else None
             safe_send(conn, {"ev": P.EV_RESULT, "re": rid, "data": rich.deephaven_figure_bundle(value, name=name)})
+        elif rich.is_ticking(value) and id(value) not in rich.outlet.shown:
+            # A ticking figure goes out as a display the host can keep live (as a ticking table does).
+            rich.outlet.shown.add(id(value))
+            rich.publish(*_named_figure(value, name or ""))
         elif value is not None and not self.dh.is_table(value):
             data, blobs = rich.result_bundle(value)
             safe_send(conn, {"ev": P.EV_RESULT, "re": rid, "data": data}, blobs)
+
+
+def _named_figure(fig, name: str) -> tuple[dict, dict, dict]:
+    """(data, metadata, transient) of a plotly-express figure shown under scope name ``name``."""
+    data, transient = rich.figure_bundle(fig, name)
+    return data, {}, transient
 
 
 def _expr_name(code: str, node: ast.expr) -> str:
@@ -265,13 +286,23 @@ def _close_figures() -> None:
 # -- errors -------------------------------------------------------------------------------------
 
 
+# Where the whole text of a clipped error is (the error event must fit in one frame's header).
+_WHOLE_ERROR = "the whole message: print(sys.last_value) in the next cell"
+
+
 def _cell_error_event(exc: BaseException, code: str, rid) -> dict:
-    """The error event of a failed cell: a short value and summary first, the whole traceback after."""
-    summary = _error_summary(exc, code)
+    """The error event of a failed cell: a short value and summary first, the whole traceback after.
+
+    A huge message is clipped (its start and end kept around a note); the exception stays in the session
+    as ``sys.last_value``, as Python's own REPL keeps it, so the whole of it can still be read."""
+    sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, exc.__traceback__
+    summary = P.clip_lines(_error_summary(exc, code), P.MAX_ERROR_CHARS // 4, _WHOLE_ERROR)
     value = str(exc)
     if summary:
         value = summary[0].split(": ", 1)[-1]  # the full text is in the traceback
-    return P.error_event(type(exc).__name__, value, _cell_traceback(exc), re=rid, summary=summary)
+    return P.error_event(type(exc).__name__, P.clip_text(value, P.MAX_ERROR_CHARS // 4, _WHOLE_ERROR),
+                         P.clip_lines(_cell_traceback(exc), P.MAX_ERROR_CHARS // 2, _WHOLE_ERROR),
+                         re=rid, summary=summary)
 
 
 def _error_summary(exc: BaseException, code: str) -> list[str]:

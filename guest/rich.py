@@ -25,6 +25,8 @@ import threading
 import uuid
 from typing import Any, Callable
 
+from .. import protocol as P
+
 EV_DISPLAY = "display"
 EV_CLEAR = "clear_output"
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
@@ -42,10 +44,16 @@ class Outlet:
         self.send_table: Callable[[Any, str], None] | None = None
         """Set by the agent: sends a Deephaven table as a table event of the running cell."""
         self.is_table: Callable[[Any], bool] = lambda obj: False
+        self.watch_name: Callable[[Any, str], str | None] = lambda obj, name: None
+        """Set by the agent: the scope name (``name`` if it holds the figure) a live view of a ticking
+        figure can watch."""
+        self.shown: set[int] = set()
+        """ids of the figures the running cell displayed (not shown again at its end)."""
 
     def begin(self, send: Callable[[dict, list], None], re_id: Any) -> None:
         with self._lock:
             self._send, self._re = send, re_id
+            self.shown = set()
 
     def end(self) -> None:
         with self._lock:
@@ -124,6 +132,40 @@ def is_deephaven_figure(obj) -> bool:
     return cls.__name__ == "Figure" and cls.__module__ == "deephaven.plot.figure"
 
 
+def is_express_figure(obj) -> bool:
+    """A Deephaven plotly-express figure (``dx.line(...)``)."""
+    cls = type(obj)
+    return cls.__name__ == "DeephavenFigure" and cls.__module__.startswith("deephaven.plot.express.")
+
+
+def express_tables(fig) -> list:
+    """The Deephaven tables a plotly-express figure draws from (as its own hydration finds them)."""
+    from deephaven.plot.express.exporter import Exporter
+
+    exporter = Exporter()
+    fig.to_dict(exporter)
+    tables, _, _ = exporter.references()
+    return list(tables)
+
+
+def is_ticking(obj) -> bool:
+    """A plotly-express figure over a ticking table (its plot changes as the table does)."""
+    if not is_express_figure(obj):
+        return False
+    try:
+        return any(t.is_refreshing for t in express_tables(obj))
+    except Exception:  # noqa: BLE001 - a figure the exporter cannot walk is shown as a snapshot
+        return False
+
+
+def figure_bundle(fig, name: str = "") -> tuple[dict, dict]:
+    """(data, transient) of a plotly-express figure: its plot now, and for a ticking one the scope
+    name a live view of it can watch (the host decides whether to start one)."""
+    data = deephaven_express_bundle(fig)
+    watch = outlet.watch_name(fig, name) if is_ticking(fig) else None
+    return data, ({P.TRANSIENT_WATCH: watch} if watch else {})
+
+
 def _split_binary(data: dict) -> tuple[dict, list]:
     """Binary values out of the JSON, into payloads: {"image/png": {"$payload": 0}}."""
     payloads: list = []
@@ -180,6 +222,12 @@ def display(*objs, include=None, exclude=None, metadata=None, transient=None, di
             continue
         if outlet.is_table(obj) and outlet.send_table is not None and not update:
             outlet.send_table(obj, "display")  # rendered by the host exactly like a result table
+            continue
+        if is_express_figure(obj) and not update and not raw and display_id is None and include is None \
+                and exclude is None:
+            data, watch = figure_bundle(obj)
+            outlet.shown.add(id(obj))
+            publish(data, metadata, {**transient, **watch})
             continue
         data, md = formatter().format(obj, include=include, exclude=exclude)
         if not data:

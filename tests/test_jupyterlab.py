@@ -293,6 +293,17 @@ def test_html_and_a_displayed_table_render(notebook):
     assert "dhg-html" in mimes[0] and "dataframe" in mimes[-1], mimes
 
 
+def test_a_help_request_pages_the_vm_table_and_history_keeps_cells_as_typed(notebook):
+    from playwright.sync_api import expect
+
+    cell = notebook.run("t?")
+    expect(notebook.outputs(cell)).to_contain_text("Deephaven table: 5 rows")  # t is the VM's, not the host's
+    expect(notebook.outputs(cell, "application/vnd.jupyter.stderr")).to_have_count(0)
+    cell = notebook.run("%history -l 2")
+    lines = notebook.outputs(cell).inner_text().splitlines()
+    assert "t?" in lines and "display(t)" in lines and not [line for line in lines if "dhvm" in line], lines
+
+
 def test_matplotlib_shows_an_inline_png(notebook):
     from playwright.sync_api import expect
 
@@ -392,7 +403,8 @@ _WATCH_JS = """() => {
     };
     requestAnimationFrame(look);
 }"""
-LIVE_HEADING = re.compile(r"● live · updated \d\d:\d\d:\d\d UTC")
+# A running view's heading names the moment of its data: the saved notebook keeps it, and must not claim "live".
+LIVE_HEADING = re.compile(r"snapshot at \d\d:\d\d:\d\d UTC \(live while the kernel runs; re-run the cell to resume\)")
 STOPPED_HEADING = re.compile(r"○ stopped \(stopped by %dhvm live stop\) · final snapshot at \d\d:\d\d:\d\d UTC")
 
 
@@ -538,6 +550,145 @@ def test_the_saved_notebook_keeps_the_live_views_final_snapshot_marked_stopped(l
     assert "transient" not in out, out  # the display id is not saved: the output is plain display_data
     stop = [c for c in nb["cells"] if text(c["source"]).strip() == "%dhvm live stop"]
     assert len(stop) == 1 and [text(o.get("text", "")) for o in stop[0]["outputs"]] == ["dhvm: 1 live view stopped.\n"], stop
+
+
+# The points of a cell's plot (the Plotly graph div holds the figure it drew; 0 while it is redrawn).
+_PLOT_POINTS_JS = "c => { const p = c.querySelector('.jp-RenderedPlotly'); return p && p.data ? p.data[0].y.length : 0 }"
+
+
+def _plot_points(cell, timeout_s: float = 10) -> int:
+    """How many points the cell's plot shows (waiting out a redraw: each update renders the plot anew)."""
+    deadline = time.monotonic() + timeout_s
+    while not (n := cell.evaluate(_PLOT_POINTS_JS)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return n
+
+
+def test_an_assigned_plotly_express_figure_renders_and_ticks(notebook):
+    """``fig = dx.line(...)``, the style of Deephaven's docs: the plot shows (as an assigned table does),
+    drawn by JupyterLab's Plotly renderer, and redrawn as its ticking table grows."""
+    from playwright.sync_api import expect
+
+    if importlib.util.find_spec("plotly") is None:
+        pytest.skip("plotly is not installed on the host, so JupyterLab has no plotly renderer (pip install -e '.[local]')")
+    page = notebook.page
+    cell = notebook.run("import deephaven.plot.express as dx\nfrom deephaven import time_table\n"
+                        "fig_src = time_table('PT0.5S').update('X = i')\nfig = dx.line(fig_src, x='Timestamp', y='X')",
+                        timeout_s=FIRST_OUTPUT_S)
+    plot = cell.locator(".jp-OutputArea-output.jp-RenderedPlotly")
+    expect(plot).to_have_count(1, timeout=CELL_S * 1000)
+    cell.evaluate("c => c.scrollIntoView()")  # (not Playwright's: it waits for a still element)
+    notebook.shot("figure-0")
+    page.wait_for_function(f"() => ({_PLOT_POINTS_JS})([...document.querySelectorAll('.jp-Notebook .jp-Cell')]"
+                           f".find(c => c.innerText.includes('dx.line(fig_src'))) >= 2", timeout=CELL_S * 1000)
+    # dx.line draws with WebGL (scattergl): the line is in the plot's canvas, over its SVG axes
+    expect(plot.locator(".plot-container .main-svg").first).to_be_visible(timeout=CELL_S * 1000)
+    expect(plot.locator(".modebar")).to_have_count(1)  # the interactive toolbar (zoom, pan…)
+    assert cell.evaluate("c => c.querySelector('.jp-RenderedPlotly').data[0].type") in ("scatter", "scattergl")
+    heading = notebook.outputs(cell, "text/html").locator(".dhvm-figure h4")
+    expect(heading).to_contain_text(LIVE_HEADING, timeout=CELL_S * 1000)
+    expect(heading.locator("code")).to_have_text("fig")
+    first = _plot_points(cell)
+    notebook.shot("figure-1")
+    # the plot output's height in every frame painted for 3 s, in which only the view can redraw the plot
+    heights = page.evaluate("""c => new Promise(done => { const hs = []; const t0 = performance.now();
+        const look = () => { hs.push(c.querySelector('.jp-OutputArea').getBoundingClientRect().height);
+            if (performance.now() - t0 < 3000) requestAnimationFrame(look); else done(hs); };
+        requestAnimationFrame(look); })""", cell.element_handle())
+    later = _plot_points(cell)
+    notebook.shot("figure-2-3s-later")
+    print(f"\n[jupyterlab-{notebook.backend}] assigned figure: {first} -> {later} points in 3 s; its outputs' "
+          f"height over {len(heights)} frames: {min(heights):.0f}-{max(heights):.0f} px "
+          f"({sum(h != heights[0] for h in heights)} frames differ from the first)")
+    assert later > first >= 1, (first, later)
+    expect(plot).to_have_count(1)
+    expect(notebook.outputs(cell, "application/vnd.jupyter.stderr")).to_have_count(0)
+
+
+def _dirty(page) -> bool:
+    tab = page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab.jp-mod-current")
+    return "jp-mod-dirty" in (tab.get_attribute("class") or "")
+
+
+def _save_now(lab, notebook, timeout_s: float = 60) -> Path:
+    """Ctrl+S; returns the .ipynb once this save wrote it (a running view may make it dirty again at once,
+    so unlike _save this does not wait for a clean tab)."""
+    page = notebook.page
+    t0 = time.time_ns()
+    page.keyboard.press("ControlOrMeta+s")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        dialog = page.locator(".jp-Dialog")
+        if dialog.count():  # an untitled notebook's first save asks for a name: the one offered is kept
+            dialog.locator("button.jp-mod-accept").click()
+        (session,) = [s for s in lab.api("sessions") if s["type"] == "notebook"]
+        path = lab.root / session["path"]
+        if path.is_file() and path.stat().st_mtime_ns >= t0:
+            time.sleep(0.5)  # (the contents API writes the file in one go; let it finish)
+            return path
+        assert time.monotonic() < deadline, f"the notebook was not saved in {timeout_s} s ({path})"
+        time.sleep(0.2)
+
+
+def _dirty_within(page, seconds: float) -> float | None:
+    """Seconds until the notebook's tab showed unsaved changes (None: not within ``seconds``)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        if _dirty(page):
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    return None
+
+
+def test_a_view_saved_while_it_runs_says_snapshot_and_reopens_as_one(lab, notebook):
+    """Saved while its view runs, the figure's heading says "snapshot at T (live while the kernel runs;
+    re-run the cell to resume)", never "● live"; reopened (the kernel still feeding the view), it shows
+    that snapshot and stays still. Also measured: JupyterLab's "unsaved changes" after a save."""
+    from playwright.sync_api import expect
+
+    page = notebook.page
+    path = _save_now(lab, notebook)
+    nb = json.loads(path.read_text())
+
+    def text(value) -> str:
+        return "".join(value) if isinstance(value, list) else value
+
+    (cell,) = [c for c in nb["cells"] if "dx.line(fig_src" in text(c["source"])]
+    outs = cell["outputs"]
+    headings = [text(o["data"]["text/plain"]) for o in outs if "dhvm-figure" in text(o.get("data", {}).get("text/html", ""))]
+    plots = [o for o in outs if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert len(headings) == 1 and len(plots) == 1, outs
+    assert LIVE_HEADING.search(headings[0]), headings[0]
+    saved = path.read_text()
+    assert "● live" not in saved
+    saved_points = len(plots[0]["data"]["application/vnd.plotly.v1+json"]["data"][0]["y"])
+    became_dirty = _dirty_within(page, 4.0)
+    print(f"\n[jupyterlab-{notebook.backend}] saved with a view running: unsaved changes again after "
+          f"{became_dirty if became_dirty is None else round(became_dirty, 2)} s")
+
+    # Reopen it: a reload of the page opens the notebook from disk, on the same kernel, whose view runs on.
+    page.once("dialog", lambda d: d.accept())  # ("leave the page with unsaved changes?")
+    page.reload()
+    fig_cell = page.locator(".jp-Notebook .jp-Cell", has_text="dx.line(fig_src")
+    plot = fig_cell.locator(".jp-OutputArea-output.jp-RenderedPlotly")
+    expect(plot).to_have_count(1, timeout=60_000)
+    heading = fig_cell.locator(".dhvm-figure h4")
+    expect(heading).to_contain_text(LIVE_HEADING)
+    shown = heading.inner_text()
+    fig_cell.evaluate("c => c.scrollIntoView()")
+    notebook.shot("figure-3-reopened")
+    page.wait_for_timeout(3000)
+    assert heading.inner_text() == shown  # a snapshot: nothing moves it
+    assert saved_points >= 1
+
+    cell = notebook.run("%dhvm live")
+    assert "fig" in cell.inner_text(), "the kernel still feeds the view (updates no output on the page)"
+    cell = notebook.run("%dhvm live stop")
+    expect(notebook.outputs(cell, "application/vnd.jupyter.stdout")).to_contain_text("stopped.")
+    _save_now(lab, notebook)
+    quiet = _dirty_within(page, 3.0)
+    print(f"[jupyterlab-{notebook.backend}] saved with no view running: unsaved changes after {quiet} s")
+    assert quiet is None
 
 
 def test_interrupting_a_sleeping_cell_stops_it_and_keeps_the_vm(notebook):

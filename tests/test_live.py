@@ -203,7 +203,8 @@ def test_a_kernel_updates_the_live_view_in_place_and_stops_it_cleanly(kernel_nam
         assert len(later) >= 3 and {m["content"]["transient"]["display_id"] for m in later} == {display_id}
         rows = [_rows_of(m) for m in later]
         assert rows == sorted(rows) and rows[-1] > rows[0], rows
-        assert "● live · updated" in later[-1]["content"]["data"]["text/plain"]
+        assert re.search(r"snapshot at \d\d:\d\d:\d\d UTC \(live while the kernel runs; re-run the cell to resume\)",
+                         later[-1]["content"]["data"]["text/plain"]), later[-1]["content"]["data"]["text/plain"]
         assert json.loads(_host(kc, census))["threads"] == ["dhvm-live-ticks"]
 
         msgs = []
@@ -354,3 +355,81 @@ def test_a_view_ends_at_once_when_the_server_dies_and_the_next_cell_says_so(dhg_
         assert r.stdout.strip() == "1" and "was lost since the last cell" in r.stderr
     finally:
         s.stop()
+
+
+# -- figures, saved notebooks, repeated snapshots (issue 21) --------------------------------------------
+
+PLOTLY = "application/vnd.plotly.v1+json"
+RUNNING = re.compile(r"snapshot at \d\d:\d\d:\d\d UTC \(live while the kernel runs; re-run the cell to resume\)")
+
+
+def _display_id(msgs, test) -> str:
+    (m,) = [m for m in msgs if m["msg_type"] == "display_data" and test(m["content"]["data"])]
+    return m["content"]["transient"]["display_id"]
+
+
+def test_an_assigned_ticking_figure_is_a_live_plot_and_unchanged_rows_are_not_sent_again(jupyter_path, dhg_home):
+    """``fig = dx.line(ticking, ...)`` shows its plot (as an assigned table shows), which the view re-sends
+    as the table grows, under a heading that says what it is; a view whose rows do not change sends nothing."""
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="dhvm", env={**os.environ, "DHG_HOME": str(dhg_home), "DHG_BACKEND": "local"})
+    try:
+        msgs: list = []
+        reply = kc.execute_interactive(
+            "from deephaven import time_table\nimport deephaven.plot.express as dx\n"
+            "grows = time_table('PT0.2S').update('X = i')\nfig = dx.line(grows, x='Timestamp', y='X')\n"
+            # a row modified every tick to the value it had: the listener fires, the rows shown stay the same
+            "same = time_table('PT0.1S').update(['K = 1', 'V = 7']).last_by('K').view('V')",
+            timeout=300, output_hook=msgs.append)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        plot_id = _display_id(msgs, lambda d: PLOTLY in d)
+        heading_id = _display_id(msgs, lambda d: "dhvm-figure" in d.get("text/html", ""))
+        same_id = _display_id(msgs, lambda d: "data-table='same'" in d.get("text/html", ""))
+        later = _iopub_until(kc, 4.0)
+        plots = [m["content"]["data"][PLOTLY] for m in later if m["msg_type"] == "update_display_data"
+                 and m["content"]["transient"]["display_id"] == plot_id]
+        ys = [len(p["data"][0]["y"]) for p in plots]
+        assert len(ys) >= 3 and ys == sorted(ys) and ys[-1] > ys[0], ys
+        headings = [m["content"]["data"]["text/plain"] for m in later if m["msg_type"] == "update_display_data"
+                    and m["content"]["transient"]["display_id"] == heading_id]
+        assert headings and headings[-1].startswith("fig  (plotly-express figure) ") and RUNNING.search(headings[-1])
+        same = [m for m in later if m["msg_type"] == "update_display_data"
+                and m["content"]["transient"]["display_id"] == same_id]
+        print(f"\n[live] in 4 s: {len(plots)} plot updates; {len(same)} updates of a view whose rows did not change")
+        assert len(same) <= 1, [m["content"]["data"]["text/plain"] for m in same]  # (its first snapshot, at most)
+
+        msgs = []
+        kc.execute_interactive("%dhvm live stop", timeout=60, output_hook=msgs.append)
+        final = [m["content"]["data"]["text/plain"] for m in msgs if m["msg_type"] == "update_display_data"
+                 and m["content"]["transient"]["display_id"] == heading_id]
+        assert final and "○ stopped (stopped by %dhvm live stop) · final snapshot at" in final[-1], final
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_a_notebook_saved_while_its_views_run_says_they_are_snapshots(jupyter_path, dhg_home, tmp_path):
+    """nbclient (papermill's engine) ends with the views still running: what it saves must not claim
+    to be live, since nothing updates it once saved."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("from deephaven import time_table\nimport deephaven.plot.express as dx\n"
+                                  "ticks = time_table('PT0.2S').update('X = i')\nfig = dx.line(ticks, x='Timestamp', y='X')"),
+        nbformat.v4.new_code_cell("%%local\nimport time\ntime.sleep(3)"),
+    ])
+    nb.metadata["kernelspec"] = {"name": "dhvm", "display_name": "Deephaven microVM", "language": "python"}
+    os.environ["DHG_HOME"] = str(dhg_home)
+    NotebookClient(nb, timeout=300, kernel_name="dhvm", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    saved = nbformat.writes(nb)
+    assert "● live" not in saved
+    outs = nb.cells[0].outputs
+    (view,) = [o for o in outs if "dhvm-live" in o.get("data", {}).get("text/html", "")]
+    (heading,) = [o for o in outs if "dhvm-figure" in o.get("data", {}).get("text/html", "")]
+    (plot,) = [o for o in outs if PLOTLY in o.get("data", {})]
+    for out in (view, heading):
+        text = out["data"]["text/plain"]
+        assert RUNNING.search(text) or "○ stopped" in text, text
+    assert int(re.search(r"data-rows='(\d+)'", view["data"]["text/html"]).group(1)) >= 2  # updated meanwhile
+    assert len(plot["data"][PLOTLY]["data"][0]["y"]) >= 2

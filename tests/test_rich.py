@@ -234,11 +234,90 @@ pts = empty_table(5).update(["X = i", "Y = i * 2"])
 chart = Figure().plot_xy(series_name="s", t=pts, x="X", y="Y").show()
 chart
 """)
-    url = session.widget_url("chart")
-    assert r.value["text/plain"].startswith(f"Deephaven figure chart: {url}") and url in r.value["text/html"].replace("&amp;", "&")
-    assert "/iframe/widget/?name=chart&psk=" in url
-    with urllib.request.urlopen(url.split("&psk=")[0], timeout=30) as resp:
-        assert resp.status == 200 and b"<html" in resp.read().lower()
+    url = r.value["text/plain"].split()[3]  # a one-time link of the link broker (test_weblinks.py)
+    assert r.value["text/plain"].startswith(f"Deephaven figure chart: {url}") and url in r.value["text/html"]
+    assert "/dhvm/open/" in url and "psk=" not in r.value["text/html"]
+    with urllib.request.urlopen(url, timeout=30) as resp:  # it opens the figure's view
+        assert resp.status == 200 and "/iframe/widget/?name=chart&psk=" in resp.url
+        assert b"<html" in resp.read().lower()
     r, seen = _run(session, "chart2 = Figure().plot_xy(series_name='s', t=pts, x='X', y='Y').show()")
-    links = [d for d in seen if not isinstance(d, tuple) and "name=chart2" in d.data.get("text/html", "")]
+    links = [d for d in seen if not isinstance(d, tuple) and "Deephaven figure chart2: http" in d.data.get("text/plain", "")]
     assert len(links) == 1, "a figure assigned in a cell gets its link too"
+
+
+# -- figures a cell assigns, and blink tables (issue 21) ---------------------------------------------
+
+PLOTLY = "application/vnd.plotly.v1+json"
+
+
+def test_an_assigned_plotly_express_figure_is_shown_once_and_a_ticking_one_is_offered_for_watching(session):
+    from dhg_kernel import protocol as P
+
+    r, seen = _run(session, """
+from deephaven import empty_table, time_table
+import deephaven.plot.express as dx
+src = empty_table(5).update(["X = i", "Y = i * i"])
+still = dx.line(src, x="X", y="Y")
+shown = dx.scatter(src, x="X", y="Y")
+display(shown)
+moving = time_table("PT0.1S").update("X = i")
+tfig = dx.line(moving, x="Timestamp", y="X")
+""")
+    figs = [d for d in seen if not isinstance(d, tuple) and PLOTLY in d.data]
+    # still (assigned), shown (displayed, not again at the end), tfig (assigned, ticking)
+    assert len(figs) == 3 and all(d.data[PLOTLY]["data"][0]["type"].startswith("scatter") for d in figs), figs
+    assert figs[0].data[PLOTLY]["data"][0]["y"] == [0, 1, 4, 9, 16]
+    assert [d.transient.get(P.TRANSIENT_WATCH) for d in figs] == [None, None, "tfig"]
+    assert r.value is None
+
+    # the watch machinery follows a figure as it follows a table: its plot, as its table grows
+    got: list = []
+    ended: list = []
+    feed = session.watch("tfig", got.append, ended.append, rate=4)
+    import time
+
+    time.sleep(3.0)
+    feed.stop()
+    assert ended == ["stopped"], ended
+    xs = [len(u.figure[PLOTLY]["data"][0]["y"]) for u in got]
+    assert len(xs) >= 3 and xs == sorted(xs) and xs[-1] > xs[0], xs
+    assert all(u.table is None and u.ticking and u.taken is not None for u in got)
+    assert "text/html" in got[-1].figure  # the nbconvert fallback goes with every snapshot
+
+
+def test_a_ticking_figure_as_the_last_expression_is_offered_for_watching_under_a_hidden_name(session):
+    from dhg_kernel import protocol as P
+
+    r, seen = _run(session, "import deephaven.plot.express as dx\nfrom deephaven import time_table\n"
+                            "dx.line(time_table('PT0.1S').update('X = i'), x='Timestamp', y='X')")
+    (fig,) = [d for d in seen if not isinstance(d, tuple)]
+    assert fig.transient[P.TRANSIENT_WATCH].startswith("_dhvm_live_") and PLOTLY in fig.data
+    assert r.value is None  # shown as a display (as a ticking table is), not a frozen Out[]
+
+
+def test_a_blink_tables_heading_says_its_rows_are_its_last_cycles(session):
+    import queue
+
+    from dhg_kernel.display import table_heading
+
+    r = session.execute("from deephaven import time_table\nimport time\n"
+                        "blinks = time_table('PT0.05S', blink_table=True).update('X = i')\ntime.sleep(2.5)")
+    assert r.ok, r.error
+    t = r.table("blinks")
+    plain, rich = table_heading(t)
+    print(plain)
+    assert "blink table: it keeps only the rows added in its last update cycle" in plain, plain
+    assert f"{t.rows:,} rows in its last update cycle" in plain and "last update cycle" in rich
+    assert "ticking table" not in plain  # it says blink, not ticking (whose rows would be all the table's)
+    assert t.blink and t.refreshing
+    from dhg_kernel.display import live_bundle, live_state
+
+    got: "queue.Queue" = queue.Queue()
+    feed = session.watch("blinks", got.put, rows=5)
+    u = got.get(timeout=10)
+    feed.stop()
+    assert u.table.blink
+    text = live_bundle(u.table, live_state(u.table.snapshot_time), "last 5 rows", u.table.df)["text/plain"]
+    assert "in its last update cycle" in text and "blink table" in text, text
+    r = session.execute("from deephaven import time_table\nplain_ticks = time_table('PT0.1S')")
+    assert not r.table("plain_ticks").blink and "blink" not in table_heading(r.table("plain_ticks"))[0]
