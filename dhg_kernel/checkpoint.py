@@ -34,7 +34,7 @@ def save(backend: Backend, instance: Instance, client: AgentClient | None, name:
     fork's checkpoint, removed once the fork has started (and, if its maker dies first, by the next
     listing). ``client`` None: a VM without our agent (the Firecracker tests' minimal guest), saved as is."""
     store.check_name(name)
-    if not getattr(backend, "can_checkpoint", False):
+    if not backend.can_checkpoint:
         raise CheckpointError(backend.no_checkpoints())
     if client is not None and client.dead is not None:
         raise CheckpointError(f"the session's server is gone ({client.dead}); nothing to checkpoint. "
@@ -50,7 +50,7 @@ def save(backend: Backend, instance: Instance, client: AgentClient | None, name:
                 "save_s": round(time.perf_counter() - t0, 2)}
         if temporary:
             info.update(temporary_for_pid=os.getpid(), temporary_for_start=proc_start_time(os.getpid()))
-        store.finish(work, meta, info, getattr(backend, "checkpoint_writable_files", ()))
+        store.finish(work, meta, info, backend.checkpoint_writable_files)
     return store.load(backend.layout, name)
 
 
@@ -61,11 +61,10 @@ def fork(backend: Backend, instance: Instance, client: AgentClient) -> Instance:
     if client is not None and client.dead is not None:
         raise CheckpointError(f"the session's server is gone ({client.dead}); nothing to fork. "
                               f"Run a cell (it starts a fresh server), then fork again")
-    direct = getattr(backend, "fork", None)
-    if direct is None:
+    if not backend.can_fork:
         raise CheckpointError(backend.no_checkpoints())
     with _held(client) as (_, release):
-        return direct(instance, release)
+        return backend.fork(instance, release)
 
 
 @contextlib.contextmanager

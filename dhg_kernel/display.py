@@ -211,11 +211,13 @@ class LiveView:
 
     def update(self, u: LiveUpdate) -> None:
         with self._lock:
-            last = self.last.table if self.last is not None else None
+            # (the first update is compared with what the cell showed)
+            last = self.last.table if self.last is not None else self._first
             if last is not None and u.table is not None and last.rows == u.table.rows \
                     and last.arrow.equals(u.table.arrow):
                 # The same rows again: no update, so no change a front end must save ("Save changes?").
                 self.skipped += 1
+                self.last = self.last or u  # (the view did start: its end says so)
                 return
             self.last = u
             if self.handle is not None:

@@ -100,7 +100,7 @@ def start_agent(backend: Backend, checkpoint: str | None = None, make: Callable[
         instance.stop()
         raise
     return ReadyAgent(instance, client, hello, (time.perf_counter() - t0) * 1000,
-                      checkpoint=origin or checkpoint or getattr(backend, "start_from", None))
+                      checkpoint=origin or checkpoint or backend.start_from)
 
 
 _live_sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
@@ -248,7 +248,7 @@ class Session:
         from .vm import checkpoints
 
         checkpoints.check_name(name)
-        if not getattr(self.backend, "can_checkpoint", False):
+        if not self.backend.can_checkpoint:
             raise CheckpointError(self.backend.no_checkpoints())
         self.backend.snapshot(name)  # a missing or incompatible checkpoint
 
@@ -271,7 +271,7 @@ class Session:
         if self.mode == "per-cell":
             raise UsageError(f"in per-cell mode no server outlives its cell, so there is nothing to {what}. "
                              f"Switch: %config Dhvm.mode = 'per-session', run the cells, then {what}")
-        if not getattr(self.backend, "can_checkpoint", False):
+        if not self.backend.can_checkpoint:
             raise CheckpointError(self.backend.no_checkpoints())
         if self.live is None:
             raise CheckpointError(f"nothing to {what} yet: this session has no server. Run the cells that load "
@@ -306,7 +306,7 @@ class Session:
             if self.mode == "per-cell":
                 raise UsageError(f"per-cell mode starts every cell fresh: make them start from the checkpoint "
                                  f"with %config Dhvm.snapshot = '{name}'")
-            if not getattr(self.backend, "can_checkpoint", False):
+            if not self.backend.can_checkpoint:
                 raise CheckpointError(self.backend.no_checkpoints())
             new = self._launch(name)
             if self.live is not None:
@@ -329,7 +329,7 @@ class Session:
                             **{**self.backend_options, "snapshot": self.snapshot})
             child.memory_headroom_mb = self.memory_headroom_mb
             origin = origin or f"fork of {live.instance.id}"
-            if getattr(self.backend, "fork", None) is not None:  # a running VM copied into a new one (QEMU)
+            if self.backend.can_fork:  # a running VM copied into a new one (QEMU)
                 child.live = start_agent(child.backend, origin=origin, headroom_mb=self.memory_headroom_mb,
                                          make=lambda: cp.fork(self.backend, live.instance, live.client))
                 return child

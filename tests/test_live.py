@@ -387,8 +387,12 @@ def test_an_assigned_ticking_figure_is_a_live_plot_and_unchanged_rows_are_not_se
         heading_id = _display_id(msgs, lambda d: "dhvm-figure" in d.get("text/html", ""))
         same_id = _display_id(msgs, lambda d: "data-table='same'" in d.get("text/html", ""))
         later = _iopub_until(kc, 4.0)
-        plots = [m["content"]["data"][PLOTLY] for m in later if m["msg_type"] == "update_display_data"
-                 and m["content"]["transient"]["display_id"] == plot_id]
+        updates = [m["content"]["data"] for m in later if m["msg_type"] == "update_display_data"
+                   and m["content"]["transient"]["display_id"] == plot_id]
+        # (each new plot follows a placeholder of its height: JupyterLab's Plotly renderer ignores an
+        # update of a plot it drew, but draws anew an output whose MIME type changed)
+        plots = [d[PLOTLY] for d in updates if PLOTLY in d]
+        assert len(updates) - len(plots) in (len(plots), len(plots) + 1), [sorted(d) for d in updates]
         ys = [len(p["data"][0]["y"]) for p in plots]
         assert len(ys) >= 3 and ys == sorted(ys) and ys[-1] > ys[0], ys
         headings = [m["content"]["data"]["text/plain"] for m in later if m["msg_type"] == "update_display_data"

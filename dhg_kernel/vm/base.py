@@ -137,6 +137,33 @@ class Backend(ABC):
     can_checkpoint = False
     """Whether ``checkpoint`` works (and ``start`` takes a checkpoint)."""
 
+    checkpoint_writable_files: tuple[str, ...] = ()
+    """Files of a checkpoint the VMM opens read-write on restore (kept writable by the owner only)."""
+
+    can_fork = False
+    """Whether ``fork`` copies a running instance into a new one directly (else a fork goes through a
+    temporary checkpoint)."""
+
+    start_from: str | None = None
+    """The checkpoint ``start()`` restores (None: the base snapshot made by ``dhvm prepare``)."""
+
+    def fork(self, parent: Instance, resumed: Callable[[], None] = lambda: None) -> Instance:
+        """A new instance whose state is ``parent``'s now (``can_fork`` backends)."""
+        raise CheckpointError(self.no_checkpoints())
+
+    def snapshot(self, checkpoint: str | None = None):
+        """What a new instance starts from: checkpoint ``checkpoint`` (or ``start_from``), else the base
+        snapshot; refused (with the fix) when missing or made for another image."""
+        raise CheckpointError(self.no_checkpoints())
+
+    def base_snapshot(self):
+        """The snapshot ``dhvm prepare`` made (None: this backend starts without one)."""
+        return None
+
+    def why_not(self) -> str | None:
+        """Why this backend cannot start instances on this host (None: it can)."""
+        return None
+
     def checkpoint_bytes(self, instance: Instance) -> int:
         """The most disk a checkpoint of ``instance`` can take (its RAM)."""
         return 0

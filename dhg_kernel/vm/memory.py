@@ -210,10 +210,9 @@ def needed(backend, checkpoint: str | None = None, headroom: int | None = None) 
     if backend.name == "local":
         return LOCAL_START_MB * 2**20 + extra, (f"a local Deephaven server's {LOCAL_START_MB} MiB once started "
                                                 f"+ {extra >> 20} MiB headroom")
-    snap_of = getattr(backend, "snapshot", None)
-    if snap_of is None:
+    if backend.base_snapshot() is None:  # (a backend that starts without a snapshot)
         return 0, "unknown"
-    snap = snap_of(checkpoint)
+    snap = backend.snapshot(checkpoint)
     ram = snap.machine.ram_mb * 2**20
     resident = min(ram, int((snap.meta.get("sizes") or {}).get("mem_allocated_bytes") or ram))
     what = f"checkpoint {checkpoint}" if checkpoint else ("the snapshot" if not backend.start_from

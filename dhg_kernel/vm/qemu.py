@@ -341,6 +341,7 @@ class QemuBackend(Backend):
         return inst
 
     can_checkpoint = True
+    can_fork = True
     # QEMU 7.2 opens a memory-backend-file O_RDWR even with share=off (readonly=on would make the RAM a ROM).
     checkpoint_writable_files = ("mem",)
 
