@@ -5,7 +5,7 @@ Usage::
 
     sudo python bench/bench_cluster.py [--home ~/.dhg] [--runs 5] [--at-once 8] [--json]
 
-The hosts are two network namespaces on this machine with an sshd each (``tests/clusterhosts.py``),
+The hosts are two network namespaces on this machine with an sshd each (``tests/vm/clusterhosts.py``),
 sharing the prepared QEMU snapshot of ``--home`` read-only; so "remote" costs SSH, the provisioner's
 launcher handshake and the network stack, not a second machine's hardware. Needs root, openssh-server
 and ``pip install 'dhg_kernel[cluster]'``.
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "vm")]
 
 FIRST = "print(1 + 1)"
 

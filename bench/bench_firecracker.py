@@ -7,7 +7,7 @@ Usage::
     python bench/bench_firecracker.py [--config-dir ~/.dhg] [--runs 10] [--json]
 
 ``--vmm`` times the VMM itself with a real Firecracker on any /dev/kvm that can create a VM (this
-machine's included): the tests' minimal PVH guest (``tests/fcguest.py``, built with binutils) is
+machine's included): the tests' minimal PVH guest (``tests/vm/fcguest.py``, built with binutils) is
 cold-booted and snapshotted through the backend's own code, then restored by the backend's
 ``restore`` (``agent=False``): process start -> API socket answering -> snapshot loaded and resumed,
 median of ``--runs``, then ``--clones`` at once. With ``--qemu-home`` (a DHG_HOME with a prepared
@@ -95,7 +95,7 @@ def vmm_bench(args) -> dict:
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "vm"))
     import fcguest
 
     from dhg_kernel.vm.firecracker import restore

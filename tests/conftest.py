@@ -14,6 +14,17 @@ ROOT = Path(__file__).resolve().parent.parent
 # Screenshots of the browser tests.
 ARTIFACTS = ROOT / "build" / "test-artifacts"
 sys.path.insert(0, str(ROOT))
+# Tests are in folders by cost (README "Tests"); a few share helpers across folders by module name.
+COST_FOLDERS = ("unit", "local", "vm", "browser")
+sys.path[1:1] = [str(ROOT / "tests" / d) for d in (*COST_FOLDERS, "fakes")]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test is marked with its folder's cost (``-m unit``, ``-m "not vm and not browser"``)."""
+    for item in items:
+        folder = Path(str(item.fspath)).parent.name
+        if folder in COST_FOLDERS:
+            item.add_marker(getattr(pytest.mark, folder))
 
 
 @pytest.fixture(scope="session")

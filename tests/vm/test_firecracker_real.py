@@ -31,7 +31,7 @@ import fcguest
 from dhg_kernel.config import Layout
 from dhg_kernel.vm.host import kvm_create_vm
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FC_PATH, FC_WHERE = fcguest.find_firecracker(REPO)
 NOBODY = 65534
 

@@ -15,7 +15,7 @@ from dhg_kernel.config import Layout
 from dhg_kernel.instances import alive, list_instances
 
 pytestmark = pytest.mark.slow
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 
 from dhg_kernel.vm import memory
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Runs in the cgroup: steps given as JSON; prints one JSON line of what it saw per step.
 DRIVER = r'''

@@ -32,7 +32,7 @@ import pytest
 from dhg_kernel import protocol as P
 from dhg_kernel.config import Layout
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SPEC_PATH = Path(os.environ.get("DHG_FIRECRACKER_SPEC", ROOT.parent / "shared/firecracker/firecracker-v1.16.1.yaml"))
 VERSIONS = [(1, minor, 0) for minor in range(8, 16)] + [(1, 16, 1)]
 # Facts from Firecracker's changelog (DESIGN.md): SnapshotLoadParams fields and the release that added them.
@@ -611,7 +611,7 @@ def stand_in(tmp_path):
     def make(version="1.16.1"):
         exe = tmp_path / f"fc-{version}" / "firecracker"
         exe.parent.mkdir()
-        exe.write_text(STAND_IN.format(python=sys.executable, tests=str(ROOT / "tests"), root=str(ROOT),
+        exe.write_text(STAND_IN.format(python=sys.executable, tests=str(ROOT / "tests" / "vm"), root=str(ROOT),
                                        version=version, spec=str(SPEC_PATH)))
         exe.chmod(0o755)
         return exe

@@ -216,7 +216,7 @@ def test_the_images_plotting_wheels_are_the_local_extras_pins():
 
     from dhg_kernel.prepare import GUEST_WHEELS
 
-    extra = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]["local"]
+    extra = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["optional-dependencies"]["local"]
     assert set(GUEST_WHEELS) <= set(extra), (GUEST_WHEELS, extra)
 
 

@@ -17,7 +17,7 @@ from dhg_kernel.config import Layout
 from dhg_kernel.instances import alive, list_instances, reap_stale
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def dhvm(*args, cwd, home, check=True):

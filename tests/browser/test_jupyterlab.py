@@ -28,7 +28,7 @@ from dhg_kernel.config import Layout
 from dhg_kernel.instances import alive, list_instances, proc_start_time
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FIRST_OUTPUT_S = 180  # the first cell waits for the server (local: 10-30 s; qemu: a restore, then emulated cells)
 CELL_S = 120  # later cells: a never-compiled formula takes seconds under emulation
 

@@ -23,7 +23,7 @@ from dhg_kernel.config import Layout
 from dhg_kernel.files import PushFile
 from dhg_kernel.instances import list_instances
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- no VM needed ---------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import pytest
 from dhg_kernel.config import Layout
 from dhg_kernel.instances import alive, list_instances
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NOBODY = 65534
 
 # Runs as another uid: tries to log in to a Deephaven server and prints what happened.

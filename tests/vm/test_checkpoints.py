@@ -27,7 +27,7 @@ from dhg_kernel.files import scan
 from dhg_kernel.instances import list_instances
 from dhg_kernel.vm import checkpoints
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 LOAD = textwrap.dedent("""\
     from deephaven import read_csv, agg

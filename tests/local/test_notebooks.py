@@ -13,7 +13,7 @@ import nbformat
 import pytest
 
 pytestmark = pytest.mark.slow
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def run_notebook(runner: str, nb_name: str, tmp_path: Path, home: Path, *extra: str,

@@ -108,7 +108,7 @@ def test_bad_kubernetes_options_are_refused_with_the_fix(tmp_path):
 
 
 def test_the_image_definition_installs_what_the_pod_runs():
-    dockerfile = (Path(__file__).resolve().parent.parent / "k8s" / "Dockerfile").read_text()
+    dockerfile = (Path(__file__).resolve().parents[2] / "k8s" / "Dockerfile").read_text()
     assert "jupyter-image-bootstrap install --languages Python" in dockerfile  # /usr/local/bin/bootstrap-kernel.sh
     assert "KERNEL_CLASS_NAME=dhg_kernel.kernel.DhvmKernel" in dockerfile
     assert "[cluster]" in dockerfile and "DHG_HOME=/dhg" in dockerfile
