@@ -5,7 +5,7 @@ VM is saved: a VM restored from the checkpoint then starts on a clean stream, wh
 handshake is the first frame. The session that was saved carries on afterwards (``resume``); its
 live views pause for the save and go on.
 
-Where the files go and how they are checked is ``vm/checkpoints``; how a VM is saved is each
+Where the files go and how they are checked is ``vm/checkpoint_store``; how a VM is saved is each
 backend's ``checkpoint``.
 """
 
@@ -20,7 +20,7 @@ from .client import AgentClient
 from .errors import AgentDied, CheckpointError
 from .instances import proc_start_time
 from .vm import Backend, Instance
-from .vm import checkpoints as store
+from .vm import checkpoint_store as store
 
 # How long the agent may take to reach its quiet point (it finishes the frame it is sending).
 HOLD_TIMEOUT_S = 30.0

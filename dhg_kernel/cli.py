@@ -128,11 +128,11 @@ def cmd_fetch(args) -> int:
 
 def cmd_checkpoint(args) -> int:
     """list | info NAME | rm NAME | create NAME --from SCRIPT: the saved sessions under DHG_HOME."""
-    from .vm import checkpoints
+    from .vm import checkpoint_store as store
 
     layout = Layout.resolve(args.config_dir)
     if args.action == "list":
-        rows = [c.describe() for c in checkpoints.list_all(layout)]
+        rows = [c.describe() for c in store.list_all(layout)]
         if args.json:
             print(json.dumps(rows, indent=2))
         elif not rows:
@@ -148,7 +148,7 @@ def cmd_checkpoint(args) -> int:
         print(f"dhvm checkpoint {args.action}: give the checkpoint's NAME", file=sys.stderr)
         return EXIT_ERROR
     if args.action == "info":
-        ck = checkpoints.load(layout, args.name)
+        ck = store.load(layout, args.name)
         info = ck.describe()
         if args.json:
             print(json.dumps({**info, "metadata": ck.meta}, indent=2, default=str))
@@ -156,16 +156,16 @@ def cmd_checkpoint(args) -> int:
             print(format_mapping(info))
         return 0
     if args.action == "rm":
-        checkpoints.remove(layout, args.name)
+        store.remove(layout, args.name)
         print(f"removed checkpoint {args.name} (VMs already restored from it run on)")
         return 0
     # create: run the script in a fresh server, then save it
     if not args.from_script:
         print("dhvm checkpoint create: give the script to run: --from setup.py", file=sys.stderr)
         return EXIT_ERROR
-    checkpoints.check_name(args.name)
+    store.check_name(args.name)
     if layout.checkpoint(args.name).exists() and not args.overwrite:
-        checkpoints.load(layout, args.name)  # an unreadable one says so; a complete one is refused below
+        store.load(layout, args.name)  # an unreadable one says so; a complete one is refused below
         raise DhvmError(f"a checkpoint named {args.name!r} already exists; replace it with --overwrite "
                         f"(or remove it: dhvm checkpoint rm {args.name})")
     code = sys.stdin.read() if args.from_script == "-" else Path(args.from_script).read_text()

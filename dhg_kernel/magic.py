@@ -225,7 +225,7 @@ class Dhvm(Magics):
 
     def _in_session(self, name: str, work):
         """Run ``work`` with the named session as ``session`` (made on first use)."""
-        from .vm.checkpoints import check_name
+        from .vm.checkpoint_store import check_name
 
         if name != MAIN_SESSION:
             check_name(name, "session")  # a session name follows the rules of checkpoint names
@@ -290,7 +290,7 @@ class Dhvm(Magics):
         """checkpoint NAME [--overwrite] | checkpoints | restore NAME | sessions | fork NEW."""
         import pandas as pd
 
-        from .vm import checkpoints
+        from .vm import checkpoint_store as store
 
         here = f" (session {self._active})" if self._active != MAIN_SESSION else ""
         if cmd == "checkpoint":
@@ -307,7 +307,7 @@ class Dhvm(Magics):
         if cmd == "checkpoints":
             if rest:
                 raise UsageError("usage: %dhvm checkpoints")
-            rows = [c.describe() for c in checkpoints.list_all(self.session.layout)]
+            rows = [c.describe() for c in store.list_all(self.session.layout)]
             cols = ["name", "status", "created", "tables", "size_mb", "backend", "deephaven", "base_snapshot"]
             return pd.DataFrame([{k: r[k] for k in cols} for r in rows], columns=cols)
         if cmd == "restore":
@@ -329,7 +329,7 @@ class Dhvm(Magics):
         if len(rest) != 1:
             raise UsageError("usage: %dhvm fork NEW (then run cells in it with %%dhvm -s NEW)")
         new = rest[0]
-        checkpoints.check_name(new, "session")
+        store.check_name(new, "session")
         if new in self._sessions and self._sessions[new].running:
             raise UsageError(f"a session named {new!r} is already running; stop it first (%dhvm -s {new} stop) "
                              f"or pick another name")

@@ -245,9 +245,9 @@ class Session:
 
     def check_snapshot(self, name: str) -> None:
         """Refuse (saying why and what to do) a checkpoint this session's servers could not start from."""
-        from .vm import checkpoints
+        from .vm import checkpoint_store as store
 
-        checkpoints.check_name(name)
+        store.check_name(name)
         if not self.backend.can_checkpoint:
             raise CheckpointError(self.backend.no_checkpoints())
         self.backend.snapshot(name)  # a missing or incompatible checkpoint
@@ -299,9 +299,9 @@ class Session:
     def restore(self, name: str) -> dict:
         """Replace the session's server with a fresh VM restored from checkpoint ``name`` (once: a later
         reset starts from ``snapshot`` again). The old server is kept if the restore fails."""
-        from .vm import checkpoints
+        from .vm import checkpoint_store as store
 
-        checkpoints.check_name(name)
+        store.check_name(name)
         with self._lock:
             if self.mode == "per-cell":
                 raise UsageError(f"per-cell mode starts every cell fresh: make them start from the checkpoint "
@@ -321,7 +321,7 @@ class Session:
         import secrets
 
         from . import checkpoint as cp
-        from .vm import checkpoints
+        from .vm import checkpoint_store as store
 
         with self._lock:
             live = self._to_copy("fork", "%dhvm fork NEW")
@@ -340,7 +340,7 @@ class Session:
                                          headroom_mb=self.memory_headroom_mb)
             finally:
                 # A running restore holds the memory file open; the name is no longer needed.
-                checkpoints.remove(self.layout, name)
+                store.remove(self.layout, name)
         return child
 
     def summary(self) -> dict:

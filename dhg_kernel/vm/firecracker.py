@@ -42,7 +42,7 @@ from ..client import AgentClient
 from ..config import DH_VERSION, Layout
 from ..errors import AgentStartError, BackendUnavailable, CheckpointError
 from ..instances import InstanceRecord, new_instance
-from . import checkpoints, netns, vsock
+from . import checkpoint_store as store, netns, vsock
 from .base import (SNAPSHOT_METADATA, Backend, ColdBoot, RestoredInstance, check_snapshot_inputs, file_stamp,
                    new_key, read_snapshot_metadata, require_snapshot_files)
 from .fc_api import (FirecrackerAPI, FirecrackerAPIError, Spec, SpecError, Version, parse_version, spec_beside,
@@ -498,7 +498,7 @@ class FirecrackerBackend(Backend):
         name = checkpoint or self.start_from
         if not name:
             return base
-        snap = checkpoints.snapshot_of(self.layout, name, self.name, base.meta, self.dh_version,
+        snap = store.snapshot_of(self.layout, name, self.name, base.meta, self.dh_version,
                                        lambda d: FcSnapshot.load_from(d, self.layout.vm))
         snap.check_inputs(self.layout.vm)
         snap.check_version(self.binary().version)

@@ -29,7 +29,7 @@ from ..client import AgentClient
 from ..config import DH_VERSION, Layout
 from ..errors import AgentStartError, BackendUnavailable, CheckpointError
 from ..instances import destroy, new_instance
-from . import checkpoints
+from . import checkpoint_store as store
 from .base import (SNAPSHOT_METADATA, Backend, ColdBoot, RestoredInstance, check_snapshot_inputs, connect_unix,
                    file_stamp, file_tail, new_key, read_snapshot_metadata, require_snapshot_files)
 from .host import kvm_usable
@@ -243,7 +243,7 @@ class QemuBackend(Backend):
         name = checkpoint or self.start_from
         if not name:
             return base
-        snap = checkpoints.snapshot_of(self.layout, name, self.name, base.meta, self.dh_version, Snapshot.load)
+        snap = store.snapshot_of(self.layout, name, self.name, base.meta, self.dh_version, Snapshot.load)
         snap.check_inputs(self.layout.vm)
         return snap
 

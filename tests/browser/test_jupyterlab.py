@@ -825,7 +825,7 @@ def _open_microvm_notebook(request, lab, notebook) -> None:
 def test_a_qemu_notebook_checkpoints_restores_and_forks_into_a_named_session(request, lab, notebook):
     from playwright.sync_api import expect
 
-    from dhg_kernel.vm import checkpoints
+    from dhg_kernel.vm import checkpoint_store as store
 
     if lab.backend != "qemu":
         pytest.skip("checkpoints need a microVM (the local backend's refusal is tested below)")
@@ -901,8 +901,8 @@ def test_a_qemu_notebook_checkpoints_restores_and_forks_into_a_named_session(req
         expect(notebook.outputs(cell, stdout)).to_have_text("1\n")
     finally:
         if layout.checkpoint(name).exists():
-            checkpoints.remove(layout, name)
-    assert name not in [c.name for c in checkpoints.list_all(layout)]
+            store.remove(layout, name)
+    assert name not in [c.name for c in store.list_all(layout)]
 
 
 def test_the_local_backend_refuses_a_checkpoint_in_the_cell_and_keeps_working(request, lab, notebook):

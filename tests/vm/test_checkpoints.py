@@ -25,7 +25,7 @@ from dhg_kernel.config import Layout
 from dhg_kernel.errors import CheckpointError, UsageError
 from dhg_kernel.files import scan
 from dhg_kernel.instances import list_instances
-from dhg_kernel.vm import checkpoints
+from dhg_kernel.vm import checkpoint_store as store
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,7 +59,7 @@ def _probe(session) -> dict:
 @pytest.mark.parametrize("name", ["", ".hidden", "-x", "a/b", "a b", "x" * 64, "../up"])
 def test_a_checkpoint_name_must_be_a_plain_file_name(name):
     with pytest.raises(UsageError, match="is not a checkpoint name"):
-        checkpoints.check_name(name)
+        store.check_name(name)
 
 
 def test_the_local_backend_refuses_checkpoints_and_says_which_backend_can(session):
@@ -73,16 +73,16 @@ def test_a_partial_checkpoint_is_never_listed_and_goes_once_its_writer_is_dead(t
     layout = Layout(tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    partial = layout.checkpoints / f"{checkpoints.PARTIAL}half-{dead}"
+    partial = layout.checkpoints / f"{store.PARTIAL}half-{dead}"
     partial.mkdir(parents=True)
     (partial / "metadata.json").write_text(json.dumps({"backend": "qemu", "checkpoint": {"name": "half"}}))
-    mine = layout.checkpoints / f"{checkpoints.PARTIAL}busy-{os.getpid()}"
+    mine = layout.checkpoints / f"{store.PARTIAL}busy-{os.getpid()}"
     mine.mkdir()
-    assert checkpoints.list_all(layout) == []
+    assert store.list_all(layout) == []
     assert not partial.exists(), "the partial checkpoint of a dead writer was left behind"
     assert mine.exists(), "a live writer's partial checkpoint was removed under it"
     with pytest.raises(CheckpointError, match="no checkpoint named 'half'.*there are none"):
-        checkpoints.load(layout, "half")
+        store.load(layout, "half")
 
 
 def test_a_partial_checkpoint_of_a_writer_that_is_now_a_zombie_goes_at_the_next_listing(tmp_path):
@@ -94,11 +94,11 @@ def test_a_partial_checkpoint_of_a_writer_that_is_now_a_zombie_goes_at_the_next_
         while Path(f"/proc/{writer.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
             assert time.monotonic() < deadline, "the writer never exited"
             time.sleep(0.01)
-        partial = layout.checkpoints / f"{checkpoints.PARTIAL}half-{writer.pid}"
+        partial = layout.checkpoints / f"{store.PARTIAL}half-{writer.pid}"
         partial.mkdir(parents=True)
         (partial / "mem").write_bytes(b"x" * 4096)
         os.chmod(partial, 0o500)  # as a save leaves it just before its rename
-        assert checkpoints.list_all(layout) == []
+        assert store.list_all(layout) == []
         assert not partial.exists(), "the partial checkpoint of a zombie writer was left behind"
     finally:
         writer.wait()
@@ -106,10 +106,10 @@ def test_a_partial_checkpoint_of_a_writer_that_is_now_a_zombie_goes_at_the_next_
 
 def _fake_checkpoint(layout: Layout, name: str, mem: bytes = b"", overwrite: bool = False) -> Path:
     """A checkpoint saved through the store as a backend saves one (the files then the metadata)."""
-    with checkpoints.writing(layout, name, overwrite, 2**20) as work:
+    with store.writing(layout, name, overwrite, 2**20) as work:
         (work / "mem").write_bytes(mem or os.urandom(3 * 2**20) + bytes(70 * 2**20))  # bigger than a whole hash
         (work / "state").write_bytes(os.urandom(5000))
-        checkpoints.finish(work, {"backend": "qemu", "sizes": {}}, {"name": name})
+        store.finish(work, {"backend": "qemu", "sizes": {}}, {"name": name})
     return layout.checkpoint(name)
 
 
@@ -129,14 +129,14 @@ def test_a_damaged_checkpoint_is_listed_as_damaged_and_refused_with_the_fix(tmp_
 
     def refused(name: str) -> str:
         with pytest.raises(CheckpointError) as e:
-            checkpoints.snapshot_of(layout, name, "qemu", {}, "?", lambda d: pytest.fail(f"the VMM was given {d}"))
+            store.snapshot_of(layout, name, "qemu", {}, "?", lambda d: pytest.fail(f"the VMM was given {d}"))
         return str(e.value)
 
     assert refused("cut") == (f"checkpoint cut is damaged: mem is 0 bytes, expected {73 * 2**20} (cut short since it "
                               f"was saved); delete it and save it again: %dhvm checkpoint cut --overwrite, or dhvm "
                               f"checkpoint create cut --from SCRIPT --overwrite (or delete it: dhvm checkpoint rm cut)")
     assert "checkpoint bitrot is damaged: state's content changed" in refused("bitrot")
-    rows = {r["name"]: r["status"] for r in (c.describe() for c in checkpoints.list_all(layout))}
+    rows = {r["name"]: r["status"] for r in (c.describe() for c in store.list_all(layout))}
     assert rows["fine"] == "ok"
     assert rows["cut"].startswith(f"DAMAGED: mem is 0 bytes, expected {73 * 2**20}") and "dhvm checkpoint rm cut" in rows["cut"]
     assert rows["bitrot"].startswith("DAMAGED: state's content changed since it was saved")
@@ -144,9 +144,9 @@ def test_a_damaged_checkpoint_is_listed_as_damaged_and_refused_with_the_fix(tmp_
     cli = subprocess.run([sys.executable, "-m", "dhg_kernel", "checkpoint", "list", "--config-dir", str(tmp_path)],
                          capture_output=True, text=True, cwd=ROOT)
     assert cli.returncode == 0 and "DAMAGED: mem is 0 bytes" in cli.stdout, cli.stdout + cli.stderr
-    checkpoints.remove(layout, "cut")
+    store.remove(layout, "cut")
     _fake_checkpoint(layout, "bitrot", overwrite=True)  # saved again over the damaged one
-    assert {c.name: c.problem for c in checkpoints.list_all(layout)} == {"bitrot": None, "grown": rows["grown"][9:].split(";")[0], "fine": None}
+    assert {c.name: c.problem for c in store.list_all(layout)} == {"bitrot": None, "grown": rows["grown"][9:].split(";")[0], "fine": None}
 
 
 def test_dhvm_checkpoints_marks_a_damaged_one(ip, dhg_home):
@@ -159,7 +159,7 @@ def test_dhvm_checkpoints_marks_a_damaged_one(ip, dhg_home):
         df = ip.run_line_magic("dhvm", "checkpoints")
     finally:
         for name in ("cut", "fine"):
-            checkpoints.remove(layout, name)
+            store.remove(layout, name)
     status = dict(zip(df["name"], df["status"]))
     assert status["fine"] == "ok"
     assert status["cut"].startswith(f"DAMAGED: mem is 4096 bytes, expected {73 * 2**20}"), status
@@ -173,7 +173,7 @@ def nobody_home():
     home = Path(tempfile.mkdtemp(prefix="dhg-nobody-"))
     os.chown(home, 65534, 65534)
     yield home
-    checkpoints.remove_tree(home)
+    store.remove_tree(home)
 
 
 def test_a_finished_checkpoint_is_read_only_and_its_owner_can_still_replace_and_delete_it(nobody_home):
@@ -185,7 +185,7 @@ def test_a_finished_checkpoint_is_read_only_and_its_owner_can_still_replace_and_
         import errno, json, os
         from pathlib import Path
         from dhg_kernel.config import Layout
-        from dhg_kernel.vm import checkpoints
+        from dhg_kernel.vm import checkpoint_store as store
         """) + inspect.getsource(_fake_checkpoint) + textwrap.dedent(f"""\
         layout = Layout(Path({str(home)!r}))
         ck = _fake_checkpoint(layout, "frozen", mem=b"m" * 8192)
@@ -204,7 +204,7 @@ def test_a_finished_checkpoint_is_read_only_and_its_owner_can_still_replace_and_
             out["add"] = errno.errorcode[e.errno]
         _fake_checkpoint(layout, "frozen", mem=b"n" * 8192, overwrite=True)
         out["overwritten"] = (ck / "mem").read_bytes()[:1].decode()
-        checkpoints.remove(layout, "frozen")
+        store.remove(layout, "frozen")
         out["left"] = sorted(p.name for p in layout.checkpoints.iterdir())
         print(json.dumps(out))
         """)
@@ -227,8 +227,8 @@ def test_a_save_that_cannot_fit_is_refused_saying_how_much_it_needs(tmp_path):
 
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(CheckpointError, match=r"not enough disk space.*needs up to .* GiB.*GiB is free.*dhvm checkpoint rm"):
-        checkpoints.check_space(tmp_path, free)
-    checkpoints.check_space(tmp_path, 2**20)  # a small one fits
+        store.check_space(tmp_path, free)
+    store.check_space(tmp_path, 2**20)  # a small one fits
 
 
 def test_a_snapshot_that_cannot_be_used_is_refused_before_it_is_set_and_a_typo_makes_no_session(ip):
@@ -399,7 +399,7 @@ def test_restore_replaces_the_session_server_and_a_fork_is_independent(loaded, c
             child.stop()
         print(f"fork took {fork_s:.2f}s")
         # A fork's checkpoint is gone once the fork runs.
-        assert [c.name for c in checkpoints.list_all(Layout(ck_home))] == ["loaded"]
+        assert [c.name for c in store.list_all(Layout(ck_home))] == ["loaded"]
     finally:
         s.stop()
 
@@ -442,7 +442,7 @@ def test_refusals_name_the_fix(loaded, ck_home):
             with pytest.raises(CheckpointError, match=match):
                 Session(backend="qemu", config_dir=ck_home, snapshot="altered").start()
         finally:
-            checkpoints.remove(layout, "altered")
+            store.remove(layout, "altered")
     assert not [r for r in list_instances(layout) if r.owner_pid == os.getpid()], \
         "a refused restore left an instance behind"
 
@@ -487,14 +487,14 @@ def test_a_damaged_checkpoint_is_refused_before_qemu_opens_it_and_no_restore_wri
                 Session(backend="qemu", config_dir=ck_home, snapshot=name).start()
             after = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(layout.checkpoint(name).iterdir())]
             assert after == before[name], f"the restore of {name} wrote its checkpoint"
-        listed = {c.name: c.describe()["status"] for c in checkpoints.list_all(layout)}
+        listed = {c.name: c.describe()["status"] for c in store.list_all(layout)}
         assert listed["loaded"] == "ok"
         assert listed["cut"].startswith(f"DAMAGED: mem is 0 bytes, expected {ram}")
         assert listed["rot"].startswith("DAMAGED: state's content changed")
         assert not [r for r in list_instances(layout) if r.owner_pid == os.getpid()], "a refused restore started a VM"
     finally:
         for name in made:
-            checkpoints.remove(layout, name)
+            store.remove(layout, name)
 
 
 @pytest.mark.slow
@@ -515,7 +515,7 @@ def test_kill_9_in_the_middle_of_a_save_leaves_no_checkpoint_and_nothing_running
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             saving = [r for r in list_instances(layout) if r.backend == "qemu-checkpoint" and r.owner_pid == proc.pid]
-            partial = list(layout.checkpoints.glob(f"{checkpoints.PARTIAL}killed-*"))
+            partial = list(layout.checkpoints.glob(f"{store.PARTIAL}killed-*"))
             if saving and partial and (partial[0] / "mem").exists():
                 break
             time.sleep(0.02)
@@ -533,9 +533,9 @@ def test_kill_9_in_the_middle_of_a_save_leaves_no_checkpoint_and_nothing_running
         while mine() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not mine(), "VMs of the killed process were left running"
-        assert "killed" not in [c.name for c in checkpoints.list_all(layout)]
+        assert "killed" not in [c.name for c in store.list_all(layout)]
         assert not layout.checkpoint("killed").exists()
-        assert not list(layout.checkpoints.glob(f"{checkpoints.PARTIAL}killed-*")), "the partial save was left behind"
+        assert not list(layout.checkpoints.glob(f"{store.PARTIAL}killed-*")), "the partial save was left behind"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -574,7 +574,7 @@ def test_a_live_view_pauses_for_the_save_and_goes_on_and_a_restore_has_none_of_t
         assert out.ok and out.stdout.strip() == "True"
     finally:
         r.stop()
-        checkpoints.remove(Layout(ck_home), "ticking")
+        store.remove(Layout(ck_home), "ticking")
 
 
 @pytest.mark.slow

@@ -245,7 +245,7 @@ def test_a_restored_guest_without_an_agent_fails_fast_with_agent_not_listening(b
 @pytest.mark.parametrize("jailed", [False, True], ids=["plain", "jailer"])
 def test_a_checkpoint_of_a_running_clone_restores_in_three_more_and_the_clone_runs_on(base, jailed):
     from dhg_kernel import checkpoint
-    from dhg_kernel.vm import checkpoints as store
+    from dhg_kernel.vm import checkpoint_store as store
 
     layout, fc, _ = base
     backend = _jailed(layout, fc) if jailed else _backend(layout)
