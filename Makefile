@@ -36,7 +36,7 @@ demo: setup
 	@echo "executed notebook: build/quickstart.executed.ipynb"
 
 test: setup
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --durations=25
 
 bench: setup
 	$(PY) bench/bench_local.py
