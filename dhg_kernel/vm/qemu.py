@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import socket
 import subprocess
 import time
@@ -25,118 +24,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..client import AgentClient
 from ..config import DH_VERSION, Layout
 from ..errors import AgentStartError, BackendUnavailable, CheckpointError
 from ..instances import destroy, new_instance
 from . import checkpoint_store as store
-from .base import (SNAPSHOT_METADATA, Backend, ColdBoot, RestoredInstance, check_snapshot_inputs, connect_unix,
-                   file_stamp, file_tail, new_key, read_snapshot_metadata, require_snapshot_files)
+from .base import (SNAPSHOT_METADATA, Backend, RestoredInstance, check_snapshot_inputs, connect_unix, file_tail,
+                   new_key, read_snapshot_metadata, require_snapshot_files)
 from .host import kvm_usable
-from .machine import DEFAULT_HEAP, DEFAULT_RAM_MB, GUEST_DH_PORT, guest_cmdline, host_tsc_khz
+from .machine import DEFAULT_HEAP, DEFAULT_RAM_MB, GUEST_DH_PORT
 from .qmp import Monitor, QMPCommandError
-
-QEMU_BINARY = "qemu-system-x86_64"
-# The JVM dies under TCG with -cpu max (SIGILL) and multi-threaded TCG (SIGSEGV): see DESIGN.md.
-TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16"
-TCG_ACCEL = "tcg,thread=single"
-# Under TCG, C2 compiles cost more than they win: C1 only halves the cold boot (129 s -> 65 s) and
-# the first new-formula cell after a restore (12.7 s -> 5.2 s), measured on this project's machines.
-TCG_JVM_OPTS = "-XX:TieredStopAtLevel=1"
-AGENT_PORT_NAME = "dhg.agent"
-# QEMU names the memfd of this backend after it (/proc/PID/fd/N -> "/memfd:memory-backend-memfd (deleted)").
-MEMFD_BACKEND = "memory-backend-memfd"
-SNAPSHOT_FORMAT = 1
-# A restore normally takes well under a second; this bounds a broken one.
-RESTORE_TIMEOUT_S = 30.0
-# A checkpoint copies the VM's memory once over a local socket: this bounds a stuck one.
-CHECKPOINT_TIMEOUT_S = 600.0
-# No cap on the checkpoint's local copy (QEMU's default, 128 MiB/s, is meant for networks).
-CHECKPOINT_BANDWIDTH = 64 * 2**30
-
-
-def qemu_binary() -> str | None:
-    """Path of qemu-system-x86_64, or None."""
-    return shutil.which(QEMU_BINARY)
-
-
-def qemu_version(binary: str) -> str:
-    """``QEMU emulator version …`` first line, e.g. ``7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)``."""
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
-    first = out.splitlines()[0] if out else ""
-    return first.replace("QEMU emulator version ", "").strip()
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (QEMU binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Machine:
-    """Everything about the VM that must be identical at the cold boot and at every restore.
-
-    Paths are relative to ``DHG_HOME/vm`` so a moved DHG_HOME (a persistent mount) still works.
-    """
-
-    kernel: str
-    initrd: str | None
-    rootfs: str
-    ram_mb: int = DEFAULT_RAM_MB
-    heap: str = DEFAULT_HEAP
-    accel: str = "tcg"  # "tcg" or "kvm"
-    cpu: str = TCG_CPU
-    smp: int = 1
-    append: str = ""
-
-    @staticmethod
-    def kernel_cmdline(heap: str, jvm_opts: str = "", accel: str = "tcg") -> str:
-        """The guest kernel command line (see ``machine.guest_cmdline``); under TCG it names the TSC rate."""
-        return guest_cmdline(heap, jvm_opts, tsc_khz=host_tsc_khz() if accel == "tcg" else None)
-
-    def argv(self, vm_dir: Path, qemu: str, mem_path: Path | None, shared: bool, host_port: int,
-             incoming: bool) -> list[str]:
-        """The QEMU command line; sockets and logs are relative to the instance dir (QEMU's cwd),
-        which keeps them under the 108-byte unix socket path limit whatever DHG_HOME is.
-        ``mem_path`` None: the RAM is a shared memfd (see ``QemuBackend.checkpoint``)."""
-        accel = TCG_ACCEL if self.accel == "tcg" else self.accel
-        if mem_path is None:
-            mem = f"{MEMFD_BACKEND},id=mem,size={self.ram_mb}M,share=on"
-        else:
-            mem = f"memory-backend-file,id=mem,size={self.ram_mb}M,mem-path={_qopt(mem_path)}," \
-                  f"share={'on' if shared else 'off'}"
-        argv = [
-            qemu, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-            "-machine", "microvm,acpi=on,rtc=on,pit=on,pic=on,isa-serial=on,memory-backend=mem",
-            "-accel", accel, "-cpu", self.cpu, "-smp", str(self.smp), "-m", f"{self.ram_mb}M",
-            "-object", mem,
-            "-kernel", str(vm_dir / self.kernel), "-append", self.append,
-            # One read-only root disk for every instance; writes go to the guest's tmpfs overlay.
-            "-drive", f"file={_qopt(vm_dir / self.rootfs)},format=raw,if=none,id=root,readonly=on",
-            "-device", "virtio-blk-device,drive=root",
-            # User networking only for the port forward; restrict=on cuts the guest off from the outside.
-            "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{host_port}-:{GUEST_DH_PORT}",
-            "-device", "virtio-net-device,netdev=n0",
-            "-device", "virtio-rng-device",
-            "-device", "virtio-serial-device",
-            "-chardev", "socket,id=agent,path=agent.sock,server=on,wait=off",
-            "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
-            "-chardev", "file,id=con,path=agent.log,append=on", "-serial", "chardev:con",
-            "-qmp", "unix:qmp.sock,server=on,wait=off",
-        ]
-        if self.initrd:
-            argv[argv.index("-append"):argv.index("-append")] = ["-initrd", str(vm_dir / self.initrd)]
-        if incoming:
-            argv += ["-incoming", "defer"]
-        return argv
-
-
-def _qopt(path: Path | str) -> str:
-    """A path inside a QEMU ``key=value,…`` option (commas are doubled)."""
-    return str(path).replace(",", ",,")
-
+from .qemu_machine import (CHECKPOINT_BANDWIDTH, CHECKPOINT_TIMEOUT_S, QEMU_BINARY, RESTORE_TIMEOUT_S,
+                           SNAPSHOT_FORMAT, TCG_CPU, TCG_JVM_OPTS, Machine, free_port,
+                           qemu_binary, qemu_version)
+from .qemu_memory import copy_sparse, _open_memfd
+from .qemu_coldboot import QemuColdBoot
 
 @dataclass
 class Snapshot:
@@ -441,103 +342,6 @@ class QemuBackend(Backend):
         return out
 
 
-class QemuColdBoot(ColdBoot):
-    """A VM booted from scratch for ``dhvm prepare``, its RAM in a shared file that becomes the snapshot's
-    ``mem``; ``save`` pauses it and migrates only the device state (``x-ignore-shared``) into ``state``.
-
-    The cold-boot VM is an instance like any other, so a killed prepare leaves no QEMU behind.
-    """
-
-    def __init__(self, layout: Layout, qemu: str, machine: Machine, work: Path, log: Callable[[str], None]):
-        self.layout = layout
-        self.qemu = qemu
-        self.machine = machine
-        self.work = work
-        self.log = log
-        self.rec = new_instance(layout, "qemu-prepare")
-        self.proc: subprocess.Popen | None = None
-        self.monitor: Monitor | None = None
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.rec.dir)
-
-    @property
-    def console(self) -> Path:
-        return self.run_dir / "agent.log"
-
-    @property
-    def vmm_log(self) -> Path:
-        return self.run_dir / "qemu.log"
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def boot(self) -> None:
-        argv = self.machine.argv(self.layout.vm, self.qemu, self.work / "mem", shared=True, host_port=free_port(),
-                                 incoming=False)
-        self.log("$ " + " ".join(argv))
-        with open(self.vmm_log, "wb") as qlog:
-            self.proc = subprocess.Popen(argv, cwd=self.run_dir, stdin=subprocess.DEVNULL, stdout=qlog,
-                                         stderr=subprocess.STDOUT, start_new_session=True, umask=0o077)
-        self.rec.add_process(self.proc.pid, "qemu")
-        self.monitor = Monitor.connect(self.run_dir / "qmp.sock", timeout=30, is_alive=self.alive)
-
-    def connect(self, timeout: float) -> socket.socket:
-        return connect_unix(self.run_dir / "agent.sock", timeout, self.alive)
-
-    def save(self, work: Path, client: AgentClient) -> dict:
-        """Pause, write the device state; the RAM file is already in ``work``. Returns the snapshot's
-        QEMU part of the metadata.
-
-        The agent stream stays open across the snapshot: the restored agent then sits in a read on a
-        connected port, and a clone's first frame reaches it without a reconnect."""
-        assert self.monitor is not None and self.proc is not None
-        t0 = time.monotonic()
-        state = work / "state"
-        self.monitor.execute("stop")
-        self.monitor.execute("migrate-set-capabilities",
-                             {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
-        self.monitor.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state))}"})
-        mig = self.monitor.migrate_wait(timeout=300)
-        save_s = time.monotonic() - t0
-        try:
-            self.monitor.execute("quit")
-        except QMPCommandError:
-            pass  # QEMU may close the monitor before it answers
-        self.monitor.close()
-        self.monitor = None
-        self.proc.wait(timeout=30)
-        mem = work / "mem"
-        with open(mem, "rb+") as fh:
-            os.fsync(fh.fileno())  # the memory image must be on disk before it is declared done
-        vm, m = self.layout.vm, self.machine
-        return {
-            "backend": "qemu", "format": SNAPSHOT_FORMAT, "machine": asdict(m), "accel": m.accel,
-            "qemu_version": qemu_version(self.qemu), "guest_port": GUEST_DH_PORT,
-            "files": {m.kernel: file_stamp(vm / m.kernel), m.rootfs: file_stamp(vm / m.rootfs),
-                      **({m.initrd: file_stamp(vm / m.initrd)} if m.initrd else {})},
-            "sizes": {"mem_bytes": mem.stat().st_size, "mem_allocated_bytes": mem.stat().st_blocks * 512,
-                      "state_bytes": state.stat().st_size, "rootfs_bytes": (vm / m.rootfs).stat().st_size,
-                      "rootfs_allocated_bytes": (vm / m.rootfs).stat().st_blocks * 512},
-            "timings": {"snapshot_s": round(save_s, 2), "migration_bytes": (mig.get("ram") or {}).get("transferred")},
-        }
-
-    def summary(self, meta: dict) -> str:
-        sizes = meta["sizes"]
-        return (f"memory {sizes['mem_allocated_bytes'] / 2**20:.0f} MB used of {self.machine.ram_mb} MB, device "
-                f"state {sizes['state_bytes'] / 1024:.0f} KB, saved in {meta['timings']['snapshot_s']:.2f}s")
-
-    def destroy(self) -> None:
-        if self.monitor is not None:
-            self.monitor.close()
-            self.monitor = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        destroy(self.rec)
-
-
 class _PortTaken(Exception):
     """QEMU could not bind the forwarded port (someone took it after we probed it)."""
 
@@ -554,92 +358,6 @@ def _wait_status(monitor: Monitor, proc: subprocess.Popen, done: Callable[[str],
         if time.monotonic() >= deadline:
             raise QMPCommandError("migrate-incoming", f"still {state} after {timeout:g}s")
         time.sleep(0.01)
-
-
-class _open_memfd:
-    """The memfd holding a QEMU process's RAM (``MEMFD_BACKEND``), opened through /proc (it outlives the process)."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        self.fd = -1
-
-    def __enter__(self) -> int:
-        fds = Path(f"/proc/{self.pid}/fd")
-        for entry in fds.iterdir():
-            try:
-                target = os.readlink(entry)
-            except OSError:
-                continue
-            if target.startswith(f"/memfd:{MEMFD_BACKEND}"):
-                self.fd = os.open(entry, os.O_RDONLY)
-                return self.fd
-        raise QMPCommandError("checkpoint", f"no {MEMFD_BACKEND} among the saving QEMU's files")
-
-    def __exit__(self, *exc) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-
-
-def copy_sparse(src_fd: int, dest: Path, window: int = 256 * 2**20) -> float:
-    """Copy the non-zero pages of ``src_fd`` (a VM's RAM) into a new file ``dest`` at the same offsets,
-    leaving the rest holes, and fsync it; returns the seconds taken.
-
-    A memfd that QEMU's incoming migration wrote is populated all through (QEMU reads each page to
-    see whether it is already zero, and a read of a shared memfd allocates), so holes are found by
-    looking: numpy looks for a non-zero word in each page, and runs of non-zero pages go by sendfile
-    (an in-kernel copy: copy_file_range refuses to cross from tmpfs to another filesystem).
-    """
-    import mmap
-
-    import numpy as np
-
-    t0 = time.perf_counter()
-    size = os.fstat(src_fd).st_size
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    mm = mmap.mmap(src_fd, size, prot=mmap.PROT_READ) if size else None
-    try:
-        os.ftruncate(fd, size)
-        for lo, hi in _data_ranges(src_fd, size):
-            for w in range(lo, hi, window):
-                n = min(window, hi - w) // PAGE
-                pages = np.frombuffer(mm, dtype=np.uint64, count=n * PAGE // 8, offset=w).reshape(n, PAGE // 8)
-                nonzero = pages.max(axis=1) != 0  # max: faster than any() here (0.28 s against 0.47 s for 2.5 GiB)
-                edges = np.flatnonzero(np.diff(np.concatenate(([0], nonzero.view(np.int8), [0]))))
-                del pages  # no view of the map may outlive it
-                for a, b in zip(edges[::2].tolist(), edges[1::2].tolist()):
-                    _send(fd, src_fd, w + a * PAGE, (b - a) * PAGE)
-        os.fsync(fd)
-    finally:
-        if mm is not None:
-            mm.close()
-        os.close(fd)
-    return time.perf_counter() - t0
-
-
-PAGE = 4096
-
-
-def _data_ranges(fd: int, size: int):
-    """(start, end) of each stretch of ``fd`` that holds data (a hole needs no look)."""
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: nothing after pos
-            return
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        yield start - start % PAGE, min(size, end + (-end) % PAGE)
-        pos = end
-
-
-def _send(dst: int, src: int, offset: int, count: int) -> None:
-    """Copy ``count`` bytes at ``offset`` of ``src`` to the same offset of ``dst``, in the kernel."""
-    os.lseek(dst, offset, os.SEEK_SET)
-    while count > 0:
-        n = os.sendfile(dst, src, offset, count)
-        if n <= 0:
-            raise OSError(f"sendfile copied nothing at offset {offset}")
-        offset, count = offset + n, count - n
 
 
 def _migrate_paused(source: QemuInstance, dest_dir_name: str) -> dict:
@@ -661,3 +379,8 @@ def _migrate_paused(source: QemuInstance, dest_dir_name: str) -> dict:
 
 def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 1)
+
+
+# Names other modules (prepare, cli, tests) import from here.
+__all__ = ["DEFAULT_HEAP", "DEFAULT_RAM_MB", "Machine", "QemuBackend", "QemuColdBoot", "QemuInstance", "Snapshot",
+           "TCG_CPU", "TCG_JVM_OPTS", "copy_sparse", "qemu_binary", "qemu_version"]

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import socket
-import socketserver
 import subprocess
 import sys
 import tarfile
@@ -29,209 +28,18 @@ from pathlib import Path
 
 import pytest
 
+import fake_firecracker
+from fake_firecracker import (FAKE_FC, LOAD_FIELD_SINCE, HybridVsockPeer, SpecServer, echo, fake_binary, mini_agent,
+                              serve_api)
+
 from dhg_kernel import protocol as P
 from dhg_kernel.config import Layout
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC_PATH = Path(os.environ.get("DHG_FIRECRACKER_SPEC", ROOT.parent / "shared/firecracker/firecracker-v1.16.1.yaml"))
 VERSIONS = [(1, minor, 0) for minor in range(8, 16)] + [(1, 16, 1)]
-# Facts from Firecracker's changelog (DESIGN.md): SnapshotLoadParams fields and the release that added them.
-LOAD_FIELD_SINCE = {"network_overrides": (1, 12), "track_dirty_pages": (1, 13), "vsock_override": (1, 16),
-                    "clock_realtime": (1, 16)}
 
 needs_spec = pytest.mark.skipif(not SPEC_PATH.is_file(), reason=f"Firecracker's API spec is not at {SPEC_PATH}")
-
-
-# -- a Firecracker API server that validates like Firecracker ---------------------------------------
-
-
-def _strict(schema):
-    """The test's own reading of the swagger: objects reject unknown fields (serde deny_unknown_fields)."""
-    if isinstance(schema, dict):
-        out = {k: _strict(v) for k, v in schema.items() if k not in ("example", "readOnly")}
-        if out.get("type") == "object" and "properties" in out:
-            out["additionalProperties"] = False
-        return {"$ref": out["$ref"]} if "$ref" in out else out
-    return [_strict(v) for v in schema] if isinstance(schema, list) else schema
-
-
-class SpecServer:
-    """Routes, body schemas and a small state machine taken from the spec's ``paths``."""
-
-    def __init__(self, spec_path: Path, version: tuple):
-        import yaml
-
-        doc = yaml.safe_load(spec_path.read_text())
-        self.version = version
-        self.definitions = {k: _strict(v) for k, v in doc["definitions"].items()}
-        for field, since in LOAD_FIELD_SINCE.items():
-            if version[:2] < since:  # an older Firecracker does not know these fields at all
-                self.definitions["SnapshotLoadParams"]["properties"].pop(field, None)
-        self.routes = []
-        for template, ops in doc["paths"].items():
-            pattern = re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$")
-            for method, op in ops.items():
-                body = [p for p in op.get("parameters", []) if p.get("in") == "body"]
-                ref = body[0]["schema"]["$ref"].rsplit("/", 1)[-1] if body else None
-                self.routes.append((method.upper(), pattern, ref))
-        self.calls: list[tuple[str, str, dict | None]] = []
-        self.state = "Not started"
-        self.configured = False
-        self.fail: dict[str, str] = {}  # path -> fault_message to answer with
-        self.on_load = None  # callback(body) when a snapshot is loaded
-
-    def handle(self, method: str, path: str, body) -> tuple[int, dict | None]:
-        import jsonschema
-
-        route = next((r for r in self.routes if r[0] == method and r[1].match(path)), None)
-        if route is None:
-            return 400, {"fault_message": f"Invalid request method and/or path: {method} {path}"}
-        if method == "GET":
-            if path == "/":
-                return 200, {"app_name": "Firecracker", "id": "anonymous-instance", "state": self.state,
-                             "vmm_version": ".".join(map(str, self.version))}
-            if path == "/version":
-                return 200, {"firecracker_version": ".".join(map(str, self.version))}
-            return 200, {}
-        self.calls.append((method, path, body))
-        schema = {"$ref": f"#/definitions/{route[2]}", "definitions": self.definitions}
-        errors = list(jsonschema.Draft4Validator(schema).iter_errors(body))
-        if errors:
-            return 400, {"fault_message": f"An error occurred when deserializing the json body of a request: "
-                                          f"{errors[0].message}"}
-        if path in self.fail:
-            return 400, {"fault_message": self.fail[path]}
-        if path == "/snapshot/load":
-            if self.configured or self.state != "Not started":
-                return 400, {"fault_message": "Loading a microVM snapshot not allowed after configuring boot-specific resources."}
-            self.state = "Running" if body.get("resume_vm") else "Paused"
-            if self.on_load:
-                self.on_load(body)
-        elif path == "/actions" and body["action_type"] == "InstanceStart":
-            self.state = "Running"
-        elif path == "/vm":
-            if self.state == "Not started":
-                return 400, {"fault_message": "The requested operation is not supported before starting the microVM."}
-            self.state = "Paused" if body["state"] == "Paused" else "Running"
-        elif path == "/snapshot/create":
-            if self.state != "Paused":
-                return 400, {"fault_message": "Cannot create snapshot: the microVM is not paused."}
-            for key in ("snapshot_path", "mem_file_path"):
-                Path(body[key]).write_bytes(b"snapshot-" + key.encode())
-        elif path != "/logger":
-            if self.state != "Not started":
-                return 400, {"fault_message": "The requested operation is not supported after starting the microVM."}
-            self.configured = True
-        return 204, None
-
-
-def serve_api(server: SpecServer, sock_path: str) -> socketserver.UnixStreamServer:
-    """Serve ``server`` over HTTP/1.1 on a unix socket, in a thread."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def _do(self):
-            n = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(n) if n else b""
-            try:
-                body = json.loads(raw) if raw else None
-            except ValueError:
-                body = None
-            status, reply = server.handle(self.command, self.path, body)
-            data = json.dumps(reply).encode() if reply is not None else b""
-            self.send_response(status)
-            if data:
-                self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_PUT = do_PATCH = _do
-
-        def address_string(self):
-            return "unix"
-
-        def log_message(self, *args):
-            pass
-
-    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-        daemon_threads = True
-
-    httpd = Server(sock_path, Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd
-
-
-# -- a peer that speaks hybrid vsock --------------------------------------------------------------
-
-
-class HybridVsockPeer:
-    """Firecracker's side of hybrid vsock: ``CONNECT <port>\\n`` → ``OK <n>\\n`` and then the guest's
-    listener on that port, or a closed connection when nothing listens (yet)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.listeners: dict[int, callable] = {}
-        self.connects: list[int] = []
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.bind(str(path))
-        self._sock.listen(16)
-        self._next = 1073741824
-        threading.Thread(target=self._loop, daemon=True).start()
-
-    def _loop(self):
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket):
-        line = b""
-        while not line.endswith(b"\n"):
-            ch = conn.recv(1)
-            if not ch:
-                conn.close()
-                return
-            line += ch
-        m = re.fullmatch(rb"CONNECT (\d+)\n", line)
-        port = int(m.group(1)) if m else -1
-        self.connects.append(port)
-        handler = self.listeners.get(port)
-        if handler is None:
-            conn.close()  # nothing listens on that guest port
-            return
-        self._next += 1
-        conn.sendall(f"OK {self._next}\n".encode())
-        handler(conn)
-
-    def close(self):
-        self._sock.close()
-
-
-def mini_agent(conn: socket.socket):
-    """Answers hello and restored like the guest agent does (the real one needs a Deephaven)."""
-    stream = P.FrameStream(conn)
-    try:
-        while True:
-            frame = stream.recv()
-            h = frame.header
-            if h.get("op") == P.OP_HELLO:
-                stream.send({"ev": P.EV_DONE, "re": h["id"], "status": "ok", "version": P.PROTOCOL_VERSION,
-                             "agent_version": "mini"})
-            elif h.get("op") == P.OP_RESTORED:
-                stream.send({"ev": P.EV_DONE, "re": h["id"], "status": "ok", "clock_set": True,
-                             "entropy_bytes": len(frame.payloads[0])})
-    except (P.ConnectionClosed, OSError):
-        conn.close()
-
-
-def echo(conn: socket.socket):
-    with conn:
-        while data := conn.recv(65536):
-            conn.sendall(data)
 
 
 # -- request bodies vs. the spec ------------------------------------------------------------------
@@ -480,10 +288,6 @@ def test_port_forwarder_carries_tcp_clients_to_the_guest_port(tmp_path):
 # -- download and verification (127.0.0.1 only) ---------------------------------------------------
 
 
-FAKE_FC = """#!/bin/sh
-echo "Firecracker v{v}"
-"""
-
 
 def _release_tarball(version: str, spec: bytes) -> bytes:
     t = f"v{version}"
@@ -578,43 +382,10 @@ def test_a_binary_given_by_hand_is_checked_for_its_version(tmp_path):
 # -- the whole restore path, against a stand-in firecracker executable ----------------------------
 
 
-STAND_IN = """#!{python}
-# A stand-in for the firecracker binary: the spec-validating API server of tests/test_firecracker.py on
-# --api-sock, and on /snapshot/load a hybrid-vsock peer at the uds path (relative to the cwd, as
-# Firecracker binds it) whose port 52 answers like the agent and port 10000 echoes.
-import os, sys, time
-sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
-import test_firecracker as T
-from pathlib import Path
-VERSION = tuple(int(x) for x in {version!r}.split("."))
-if "--version" in sys.argv:
-    print("Firecracker v" + {version!r}); sys.exit(0)
-api = sys.argv[sys.argv.index("--api-sock") + 1]
-srv = T.SpecServer(Path({spec!r}), VERSION)
-def on_load(body):
-    mem = open(body["mem_backend"]["backend_path"], "rb")  # read-only, as Firecracker maps it MAP_PRIVATE
-    srv.mem = mem
-    uds = (body.get("vsock_override") or {{}}).get("uds_path", "vsock.sock")
-    peer = T.HybridVsockPeer(Path(uds))
-    peer.listeners[52] = T.mini_agent
-    peer.listeners[10000] = T.echo
-    open("calls.json", "w").write(T.json.dumps(srv.calls))
-srv.on_load = on_load
-T.serve_api(srv, api)
-while True:
-    time.sleep(3600)
-"""
-
-
 @pytest.fixture
 def stand_in(tmp_path):
     def make(version="1.16.1"):
-        exe = tmp_path / f"fc-{version}" / "firecracker"
-        exe.parent.mkdir()
-        exe.write_text(STAND_IN.format(python=sys.executable, tests=str(ROOT / "tests" / "vm"), root=str(ROOT),
-                                       version=version, spec=str(SPEC_PATH)))
-        exe.chmod(0o755)
-        return exe
+        return fake_firecracker.stand_in(tmp_path, version, SPEC_PATH)
     return make
 
 
@@ -871,15 +642,6 @@ def test_checkpoint_call_sequence_pauses_writes_a_full_snapshot_of_its_own_and_r
     assert {create["snapshot_path"], create["mem_file_path"]}.isdisjoint({VMSTATE_NAME, MEM_NAME})
 
 
-def _fake_binary(tmp_path: Path, version: str) -> Path:
-    """An executable that answers ``--version`` like Firecracker (enough for the backend's checks)."""
-    exe = tmp_path / f"bin-{version}" / "firecracker"
-    exe.parent.mkdir()
-    exe.write_text(FAKE_FC.format(v=version))
-    exe.chmod(0o755)
-    return exe
-
-
 def _recording_api(version: tuple, faults: dict):
     """Stands in for the API *client*, not for Firecracker: each body is checked against the official spec
     exactly as FirecrackerAPI checks it, then recorded; a call in ``faults`` ((method, path, body's
@@ -930,7 +692,7 @@ def test_a_checkpoint_firecracker_cannot_write_still_resumes_the_vm_and_says_why
 
     layout = Layout(tmp_path / "home")
     _fake_snapshot(layout, "1.16.1")
-    backend = FirecrackerBackend(layout, firecracker=str(_fake_binary(tmp_path, "1.16.1")))
+    backend = FirecrackerBackend(layout, firecracker=str(fake_binary(tmp_path, "1.16.1")))
     faults = {("PUT", "/snapshot/create", None): "Create snapshot error: Cannot perform write on the memory backing "
                                                  "file: No space left on device (os error 28)"}
     if resume_refused:
@@ -999,7 +761,7 @@ def test_a_checkpoint_from_another_backend_or_an_older_base_is_refused_with_the_
     _keyed(base, "prepare-2")
     _fake_checkpoint(layout, "from-qemu", base, backend="qemu")
     _fake_checkpoint(layout, "stale", base, base_key="prepare-1")
-    fc = str(_fake_binary(tmp_path, "1.16.1"))
+    fc = str(fake_binary(tmp_path, "1.16.1"))
     backend = FirecrackerBackend(layout, firecracker=fc)
     fix = r"Dhvm\.backend = 'qemu', or --backend qemu\).*dhvm checkpoint rm from-qemu"
     with pytest.raises(CheckpointError, match=r"'from-qemu' was made with the qemu backend.*uses firecracker.*" + fix):
