@@ -8,11 +8,21 @@ from .base import Backend, BackendUnavailable, Instance
 
 BACKENDS = ("firecracker", "qemu", "local")
 
+_registered: dict = {}
+"""Backends added by name with ``register_backend`` (tests' fake backend); never chosen by ``auto``."""
+
+
+def register_backend(name: str, factory) -> None:
+    """Make ``get_backend(name, layout, **options)`` return ``factory(layout, **options)`` (for tests)."""
+    _registered[name] = factory
+
 
 def get_backend(name: str, layout, **options) -> Backend:
     """The backend called ``name`` (``auto``: see ``choose_backend``)."""
     if name == "auto":
         name, _ = choose_backend(layout)
+    if name in _registered:
+        return _registered[name](layout, **options)
     if name == "local":
         from .local import LocalBackend
 
@@ -64,4 +74,4 @@ def choose_backend(layout) -> tuple[str, dict[str, str]]:
     raise BackendUnavailable("no backend can run here:\n" + "\n".join(f"  {k}: {v}" for k, v in reasons.items()))
 
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "Instance", "choose_backend", "get_backend", "why_not"]
+__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "Instance", "choose_backend", "get_backend", "register_backend", "why_not"]
