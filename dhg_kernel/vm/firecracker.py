@@ -35,14 +35,15 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import DH_VERSION, Layout
-from ..errors import AgentStartError, BackendUnavailable, CheckpointError
-from ..instances import InstanceRecord, new_instance
+from ..errors import BackendUnavailable, CheckpointError
+from ..instances import InstanceRecord
 from . import checkpoint_store as store, netns, vsock
-from .base import Backend, RestoredInstance, new_key
+from .base import Backend, RestoredInstance
 from .fc_api import FirecrackerAPI, FirecrackerAPIError, SpecError, Version, version_str
 from .fc_release import FirecrackerBinary, FirecrackerMissing, from_path, obtain
 from .host import Check, host_checks
 from .machine import GUEST_DH_PORT
+from .restore import Restore
 from .fc_calls import (AGENT_VSOCK_PORT, CHECKPOINT_MEM_NAME, CHECKPOINT_VMSTATE_NAME, FC_LOG, MEM_NAME,
                        RESTORE_REFUSED_S, RESTORE_TIMEOUT_S, ROOT_DRIVE_ID, ROOTFS_NAME,
                        VMSTATE_NAME, VSOCK_UDS, Call, FcMachine, checkpoint_calls,
@@ -325,66 +326,69 @@ def _checkpoint_failure(failed: Exception | None, stuck: Exception | None, insta
     return f"{msg}\n--- guest console / {FC_LOG} ---\n{instance.log_tail(10)}"
 
 
-def restore(layout: Layout, launcher: Launcher, snap: FcSnapshot, network: bool = False,
-            timeout: float = RESTORE_TIMEOUT_S, netns_parent: str | None = None, agent: bool = True) -> FirecrackerInstance:
-    """One clone of ``snap`` in a run dir of its own: spawn, load, hand over clock and entropy, forward DH.
-    ``agent=False`` stops once the VM is loaded and resumed (for guests without our agent: the tests'
-    and the bench's minimal guest)."""
-    t0 = time.perf_counter()
-    rec = new_instance(layout, FirecrackerBackend.name)
-    plan = None
-    inst: FirecrackerInstance | None = None
-    try:
+class FcRestore(Restore):
+    """A Firecracker process (plain or jailed, in a network namespace if asked) given the snapshot's files in
+    its root and told over its API to load them and resume; the agent is then reached over hybrid vsock
+    and Deephaven's port forwarded."""
+
+    vmm = "Firecracker"
+    prepare_hint = "run: dhvm prepare --backend firecracker --rebuild"
+
+    def __init__(self, layout: Layout, launcher: Launcher, snap: FcSnapshot, network: bool, timeout: float,
+                 netns_parent: str | None, agent: bool):
+        super().__init__(layout, FirecrackerBackend.name, snap, timeout)
+        self.launcher = launcher
+        self.network = network
+        self.netns_parent = netns_parent
+        self.agent = agent
+
+    def spawn(self, rec: InstanceRecord) -> FirecrackerInstance:
+        launcher, snap = self.launcher, self.snap
         rec.info["cleanup"] = launcher.cleanup_items(rec)
         rec.save()
-        if network:
-            plan = netns.setup(rec.id, layout.run, netns_parent)
+        plan = None
+        if self.network:
+            plan = netns.setup(rec.id, self.layout.run, self.netns_parent)
             rec.info["cleanup"].append(plan.cleanup_item())
             rec.info["network"] = {"netns": plan.netns, "guest_ip": netns.GUEST_IP}
             rec.save()
         root = launcher.root(rec)
         launcher.populate(root, {VMSTATE_NAME: snap.vmstate, MEM_NAME: snap.mem, ROOTFS_NAME: snap.disks[ROOT_DRIVE_ID]})
-        spawn_ms = _ms(t0)  # the VMM process (or its jailer) starts here
-        proc = launcher.spawn(rec, plan)
-        inst = FirecrackerInstance(rec, proc, root, snap)
+        spawn_ms = self.ms()  # the VMM process (or its jailer) starts here
+        inst = FirecrackerInstance(rec, launcher.spawn(rec, plan), root, snap)
         inst.timings["spawn_ms"] = spawn_ms
-        inst.api = open_api(root, launcher.fc)
+        return inst
+
+    def load(self, inst: FirecrackerInstance) -> None:
+        inst.api = open_api(inst.root, self.launcher.fc)
         inst.api.wait_ready(is_alive=inst.alive)
-        inst.timings["api_ms"] = _ms(t0)
-        send(inst.api, restore_calls(launcher.fc.version, network))
-        inst.timings["loaded_ms"] = _ms(t0)
-        if not agent:
-            return inst
-        inst.handshake(vsock.connect(inst.vsock_path, AGENT_VSOCK_PORT, timeout, inst.alive,
-                                     refused_limit=RESTORE_REFUSED_S), new_key(), timeout)
+        inst.timings["api_ms"] = self.ms()
+        send(inst.api, restore_calls(self.launcher.fc.version, self.network))  # resume_vm: it runs once loaded
+
+    def resume(self, inst: FirecrackerInstance) -> socket.socket | None:
+        if not self.agent:
+            return None
+        return vsock.connect(inst.vsock_path, AGENT_VSOCK_PORT, self.timeout, inst.alive,
+                             refused_limit=RESTORE_REFUSED_S)
+
+    def ready(self, inst: FirecrackerInstance) -> None:
         inst.forwarder = vsock.PortForwarder(inst.vsock_path, GUEST_DH_PORT)
-        inst.timings["ready_ms"] = _ms(t0)
-    except Exception as e:
-        tail = inst.log_tail() if inst else ""
-        if inst is not None:
-            inst.stop()
-        else:
-            from ..instances import destroy
+        port = inst.forwarder.port
+        inst.record.info.update({"snapshot": str(self.snap.dir), "deephaven_port": port,
+                                 "firecracker_version": version_str(self.launcher.fc.version),
+                                 "deephaven_url": f"http://127.0.0.1:{port}/ide/"})
 
-            destroy(rec)
-        if isinstance(e, (BackendUnavailable, netns.NetworkSetupError)):
-            raise
-        fix = (f"If the checkpoint is damaged, remove it: dhvm checkpoint rm {snap.dir.name}"
-               if "checkpoint" in snap.meta else
-               "If the snapshot is stale, run: dhvm prepare --backend firecracker --rebuild")
-        raise AgentStartError(f"Firecracker restore from {snap.dir} failed: {e}\n--- guest console / {FC_LOG} ---\n"
-                              f"{tail}\n{fix}") from None
-    port = inst.forwarder.port
-    rec.info.update({"snapshot": str(snap.dir), "firecracker_version": version_str(launcher.fc.version),
-                     "deephaven_port": port, "deephaven_url": f"http://127.0.0.1:{port}/ide/",
-                     "restore_ms": inst.timings["ready_ms"]})
-    rec.save()
-    return inst
+    def passthrough(self, error: Exception, tail: str) -> None:
+        if isinstance(error, (BackendUnavailable, netns.NetworkSetupError)):
+            raise error
 
 
-
-def _ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 1)
+def restore(layout: Layout, launcher: Launcher, snap: FcSnapshot, network: bool = False,
+            timeout: float = RESTORE_TIMEOUT_S, netns_parent: str | None = None, agent: bool = True) -> FirecrackerInstance:
+    """One clone of ``snap`` in a run dir of its own: spawn, load, hand over clock and entropy, forward DH.
+    ``agent=False`` stops once the VM is loaded and resumed (for guests without our agent: the tests'
+    and the bench's minimal guest)."""
+    return FcRestore(layout, launcher, snap, network, timeout, netns_parent, agent).run()
 
 
 __all__ = ["AGENT_VSOCK_PORT", "Call", "Check", "FcColdBoot", "FcMachine", "FcSnapshot", "FirecrackerBackend",

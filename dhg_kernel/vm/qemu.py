@@ -29,10 +29,11 @@ from ..errors import AgentStartError, BackendUnavailable, CheckpointError
 from ..instances import destroy, new_instance
 from . import checkpoint_store as store
 from .base import (SNAPSHOT_METADATA, Backend, RestoredInstance, check_snapshot_inputs, connect_unix, file_tail,
-                   new_key, read_snapshot_metadata, require_snapshot_files)
+                   read_snapshot_metadata, require_snapshot_files)
 from .host import kvm_usable
 from .machine import DEFAULT_HEAP, DEFAULT_RAM_MB, GUEST_DH_PORT
 from .qmp import Monitor, QMPCommandError
+from .restore import Restore
 from .qemu_machine import (CHECKPOINT_BANDWIDTH, CHECKPOINT_TIMEOUT_S, QEMU_BINARY, RESTORE_TIMEOUT_S,
                            SNAPSHOT_FORMAT, TCG_CPU, TCG_JVM_OPTS, Machine, free_port,
                            qemu_binary, qemu_version)
@@ -116,6 +117,83 @@ class QemuInstance(RestoredInstance):
                 "restore_ms": self.timings.get("ready_ms")}
 
 
+class QemuRestore(Restore):
+    """A QEMU started with ``-incoming defer``, then driven over QMP: the device state comes from the snapshot's
+    ``state`` (its RAM a private mapping of ``mem``) or, for a fork, migrated from a running VM."""
+
+    vmm = "QEMU"
+
+    def __init__(self, backend: "QemuBackend", qemu: str, snap: Snapshot, fork_of: QemuInstance | None,
+                 resumed: Callable[[], None]):
+        super().__init__(backend.layout, backend.name, snap, backend.restore_timeout)
+        self.qemu = qemu
+        self.fork_of = fork_of
+        self.resumed = resumed
+        self.qmp: Monitor | None = None
+        self.sock: socket.socket | None = None
+
+    def check(self) -> None:
+        if self.fork_of is None:
+            _check_mem_size(self.snap)
+
+    def spawn(self, rec) -> QemuInstance:
+        snap, fork_of = self.snap, self.fork_of
+        port = free_port()
+        argv = snap.machine.argv(self.layout.vm, self.qemu, None if fork_of else snap.mem, shared=False,
+                                 host_port=port, incoming=True)
+        with open(os.path.join(rec.dir, "qemu.log"), "wb") as qlog:
+            # umask 077: the sockets QEMU makes in the run dir are 0600 (the dir itself is 0700).
+            spawn_ms = self.ms()  # the VMM process starts here
+            proc = subprocess.Popen(argv, cwd=rec.dir, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT,
+                                    start_new_session=True, umask=0o077)
+        rec.add_process(proc.pid, "qemu")
+        rec.info.update({"accel": snap.machine.accel, "snapshot": str(snap.dir), "deephaven_port": port,
+                         "deephaven_url": f"http://127.0.0.1:{port}/ide/",
+                         **({"forked_from": fork_of.id} if fork_of else {})})
+        rec.save()
+        inst = QemuInstance(rec, proc, port, snap)
+        inst.timings["spawn_ms"] = spawn_ms
+        return inst
+
+    def load(self, inst: QemuInstance) -> None:
+        # The monitor is only needed for the restore: it is closed in this thread (see vm/qmp.py).
+        self.qmp = qmp = inst.monitor(self.timeout)
+        inst.timings["qmp_ms"] = self.ms()
+        for name in ("agent.sock", "qmp.sock"):
+            os.chmod(inst.dir / name, 0o600)  # owner only (the run dir is 0700 as well)
+        qmp.execute("migrate-set-capabilities",
+                    {"capabilities": [{"capability": "x-ignore-shared", "state": self.fork_of is None}]})
+        # Connect before the guest runs: the port is then open at resume and the agent's pending
+        # read (from the snapshot) gets our first frame at once.
+        self.sock = connect_unix(inst.socket_path, self.timeout, inst.alive)
+        if self.fork_of is None:
+            qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(self.snap.state))}"})
+            qmp.migrate_wait(timeout=self.timeout, poll=0.002)
+        else:
+            qmp.execute("migrate-incoming", {"uri": "unix:mig.sock"})
+            _migrate_paused(self.fork_of, inst.dir.name)
+            self.resumed()
+            _wait_status(qmp, inst.proc, lambda st: st != "inmigrate", CHECKPOINT_TIMEOUT_S)
+
+    def resume(self, inst: QemuInstance) -> socket.socket:
+        # The snapshot was taken paused; the migrated run state keeps it paused until told.
+        assert self.qmp is not None and self.sock is not None
+        self.qmp.execute("cont")
+        return self.sock
+
+    def release(self) -> None:
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
+
+    def what(self) -> str:
+        return f"fork of {self.fork_of.id}" if self.fork_of else super().what()
+
+    def passthrough(self, error: Exception, tail: str) -> None:
+        if "Could not set up host forwarding rule" in tail:
+            raise _PortTaken(tail) from None
+
+
 class QemuBackend(Backend):
     """Restores microVMs from the snapshot that ``dhvm prepare`` made for ``dh_version``."""
 
@@ -185,61 +263,7 @@ class QemuBackend(Backend):
     def _restore(self, qemu: str, snap: Snapshot, fork_of: QemuInstance | None = None,
                  resumed: Callable[[], None] = lambda: None) -> QemuInstance:
         """A new VM: from ``snap``'s files, or (``fork_of``) migrated from that running VM."""
-        t0 = time.perf_counter()
-        if fork_of is None:
-            _check_mem_size(snap)
-        rec = new_instance(self.layout, self.name)
-        port = free_port()
-        argv = snap.machine.argv(self.layout.vm, qemu, None if fork_of else snap.mem, shared=False, host_port=port,
-                                 incoming=True)
-        with open(os.path.join(rec.dir, "qemu.log"), "wb") as qlog:
-            # umask 077: the sockets QEMU makes in the run dir are 0600 (the dir itself is 0700).
-            spawn_ms = _ms(t0)  # the VMM process starts here
-            proc = subprocess.Popen(argv, cwd=rec.dir, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT,
-                                    start_new_session=True, umask=0o077)
-        rec.add_process(proc.pid, "qemu")
-        rec.info.update({"accel": snap.machine.accel, "snapshot": str(snap.dir), "deephaven_port": port,
-                         "deephaven_url": f"http://127.0.0.1:{port}/ide/",
-                         **({"forked_from": fork_of.id} if fork_of else {})})
-        rec.save()
-        inst = QemuInstance(rec, proc, port, snap)
-        inst.timings["spawn_ms"] = spawn_ms
-        try:
-            # The monitor is only needed for the restore: it is closed in this thread (see vm/qmp.py).
-            with inst.monitor(self.restore_timeout) as qmp:
-                inst.timings["qmp_ms"] = _ms(t0)
-                for name in ("agent.sock", "qmp.sock"):
-                    os.chmod(inst.dir / name, 0o600)  # owner only (the run dir is 0700 as well)
-                qmp.execute("migrate-set-capabilities",
-                            {"capabilities": [{"capability": "x-ignore-shared", "state": fork_of is None}]})
-                # Connect before the guest runs: the port is then open at resume and the agent's pending
-                # read (from the snapshot) gets our first frame at once.
-                sock = connect_unix(inst.socket_path, self.restore_timeout, inst.alive)
-                if fork_of is None:
-                    qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(snap.state))}"})
-                    qmp.migrate_wait(timeout=self.restore_timeout, poll=0.002)
-                else:
-                    qmp.execute("migrate-incoming", {"uri": "unix:mig.sock"})
-                    _migrate_paused(fork_of, inst.dir.name)
-                    resumed()
-                    _wait_status(qmp, proc, lambda st: st != "inmigrate", CHECKPOINT_TIMEOUT_S)
-                inst.timings["loaded_ms"] = _ms(t0)
-                # The snapshot was taken paused; the migrated run state keeps it paused until told.
-                qmp.execute("cont")
-            inst.timings["resumed_ms"] = _ms(t0)
-            inst.handshake(sock, new_key(), self.restore_timeout)
-            inst.timings["ready_ms"] = _ms(t0)
-        except Exception as e:
-            tail = inst.log_tail()
-            inst.stop()
-            if "Could not set up host forwarding rule" in tail:
-                raise _PortTaken(tail) from None
-            what = f"fork of {fork_of.id}" if fork_of else f"restore from {snap.dir}"
-            raise AgentStartError(f"QEMU {what} failed: {e}\n--- guest console / qemu.log ---\n"
-                                  f"{tail}\nIf the snapshot is stale, run: dhvm prepare --rebuild") from None
-        rec.info["restore_ms"] = inst.timings["ready_ms"]
-        rec.save()
-        return inst
+        return QemuRestore(self, qemu, snap, fork_of, resumed).run()
 
     can_checkpoint = True
     can_fork = True
@@ -375,10 +399,6 @@ def _migrate_paused(source: QemuInstance, dest_dir_name: str) -> dict:
                 src.execute("cont")
             except QMPCommandError:
                 pass  # the VM is gone: its session finds out at its next request
-
-
-def _ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 1)
 
 
 # Names other modules (prepare, cli, tests) import from here.
