@@ -41,13 +41,13 @@ def completion(home: Path, runs: int) -> None:
             s.start()
             code = "import os\nos.pa"
             t0 = time.perf_counter()
-            r = s._request(s.live, {"op": "complete", "code": code, "cursor_pos": len(code)}, timeout=120)
+            r = s.server.request({"op": "complete", "code": code, "cursor_pos": len(code)}, timeout=120)
             firsts.append(time.perf_counter() - t0)
             assert "path" in r["matches"], r
             code = "from deephaven import empty_table\nt = empty_table(1)\nt.upd"
             s.execute(code.rsplit("\n", 1)[0])
             t0 = time.perf_counter()
-            s._request(s.live, {"op": "complete", "code": code, "cursor_pos": len(code)}, timeout=120)
+            s.server.request({"op": "complete", "code": code, "cursor_pos": len(code)}, timeout=120)
             warms.append(time.perf_counter() - t0)
         finally:
             s.stop()

@@ -5,8 +5,9 @@ VM is saved: a VM restored from the checkpoint then starts on a clean stream, wh
 handshake is the first frame. The session that was saved carries on afterwards (``resume``); its
 live views pause for the save and go on.
 
-Where the files go and how they are checked is ``vm/checkpoint_store``; how a VM is saved is each
-backend's ``checkpoint``.
+Also here: what a session does with checkpoints (``save_session``, ``restore_session``, ``fork_session``,
+``check_start_from``), which ``Session``'s methods of the same purpose call. Where the files go and how
+they are checked is ``vm/checkpoint_store``; how a VM is saved is each backend's ``checkpoint``.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import time
 from typing import Callable, Iterator
 
 from .client import AgentClient
-from .errors import AgentDied, CheckpointError
+from .errors import AgentDied, CheckpointError, UsageError
 from .instances import proc_start_time
+from .server import Server, start_server
 from .vm import Backend, Instance
 from .vm import checkpoint_store as store
+
+# ``Session`` in annotations is session.py's: not imported, as session.py imports this module.
 
 # How long the agent may take to reach its quiet point (it finishes the frame it is sending).
 HOLD_TIMEOUT_S = 30.0
@@ -89,3 +93,99 @@ def _held(client: AgentClient | None) -> Iterator[tuple[dict, Callable[[], None]
         yield held, release
     finally:
         release()
+
+
+# -- what a session does with checkpoints (Session's methods of the same names call these) -----------
+
+def check_start_from(session: "Session", name: str) -> None:
+    """Refuse (saying why and what to do) a checkpoint the session's servers could not start from."""
+    store.check_name(name)
+    if not session.backend.can_checkpoint:
+        raise CheckpointError(session.backend.no_checkpoints())
+    session.backend.snapshot(name)  # a missing or incompatible checkpoint
+
+
+def set_start_from(session: "Session", name: str | None) -> None:
+    """Start every new server (and warm-pool VM) of ``session`` from checkpoint ``name`` (None: the base
+    snapshot). Checked now; the running server is kept until the session is reset."""
+    with session._lock:
+        if name:
+            check_start_from(session, name)
+        session.backend_options["snapshot"] = name or None
+        if session._backend is not None:
+            session._backend.start_from = name or None
+        if session._pool is not None:  # warm VMs of the old start
+            session._pool.close()
+            session._pool = None
+
+
+def _to_copy(session: "Session", what: str, then: str) -> Server:
+    """The running server a checkpoint or fork copies (``what``: "checkpoint" or "fork"); the reasons
+    there is none, each with its fix. Call with the session's lock held."""
+    if session.mode == "per-cell":
+        raise UsageError(f"in per-cell mode no server outlives its cell, so there is nothing to {what}. "
+                         f"Switch: %config Dhvm.mode = 'per-session', run the cells, then {what}")
+    if not session.backend.can_checkpoint:
+        raise CheckpointError(session.backend.no_checkpoints())
+    if session.server is None:
+        raise CheckpointError(f"nothing to {what} yet: this session has no server. Run the cells that load "
+                              f"your data, then: {then}")
+    return session.server
+
+
+def save_session(session: "Session", name: str, overwrite: bool = False, temporary: bool = False) -> store.Checkpoint:
+    """Save the session's server as checkpoint ``name``; it runs on."""
+    with session._lock:
+        srv = _to_copy(session, "checkpoint", f"%dhvm checkpoint {name}")
+        source = {"instance": srv.instance.id, "from_checkpoint": srv.checkpoint, "pid": os.getpid()}
+        ck = save(session.backend, srv.instance, srv.client, name, overwrite, source, temporary)
+        if srv.client.dead is not None and srv.instance.alive():
+            # Firecracker resets every vsock connection of a VM it snapshots (listeners survive):
+            # the server runs on, on a new connection; live views on the old one are over.
+            session.stop_live(reason="the checkpoint reset the VM's connections")
+            srv.client.close()
+            srv.client = srv.instance.open_client(timeout=30)
+            srv.client.hello(timeout=30)
+        return ck
+
+
+def restore_session(session: "Session", name: str) -> dict:
+    """Replace the session's server with a fresh VM restored from checkpoint ``name`` (once: a later
+    reset starts from ``start_from`` again). The old server is kept if the restore fails."""
+    store.check_name(name)
+    with session._lock:
+        if session.mode == "per-cell":
+            raise UsageError(f"per-cell mode starts every cell fresh: make them start from the checkpoint "
+                             f"with %config Dhvm.start_from = '{name}'")
+        if not session.backend.can_checkpoint:
+            raise CheckpointError(session.backend.no_checkpoints())
+        new = session._launch(name)
+        if session.server is not None:
+            session.stop_live(reason=f"the session was restored from checkpoint {name}")
+            session.server.close()
+        session.server = new
+        return new.info
+
+
+def fork_session(session: "Session", origin: str | None = None) -> "Session":
+    """A new session (same backend and settings) whose server starts from this one's state now;
+    ``origin``: what ``summary`` says it started from (default: fork of this session's instance)."""
+    import secrets
+
+    with session._lock:
+        srv = _to_copy(session, "fork", "%dhvm fork NEW")
+        child = session.sibling()
+        origin = origin or f"fork of {srv.instance.id}"
+        if session.backend.can_fork:  # a running VM copied into a new one (QEMU)
+            child.adopt(start_server(child.backend, origin=origin, headroom_mb=session.memory_headroom_mb,
+                                     make=lambda: fork(session.backend, srv.instance, srv.client)))
+            return child
+        name = f"fork-{secrets.token_hex(6)}"
+        save_session(session, name, temporary=True)
+        try:
+            child.adopt(start_server(child.backend, checkpoint=name, origin=origin,
+                                     headroom_mb=session.memory_headroom_mb))
+        finally:
+            # A running restore holds the memory file open; the name is no longer needed.
+            store.remove(session.layout, name)
+    return child

@@ -156,6 +156,13 @@ class AgentClient:
             with self._clock_lock:
                 self._clock_held = False
 
+    def run_code(self, code: str, on_frame: Callable[[P.Frame], None] | None, timeout: float,
+                 max_rows: int = 10) -> dict:
+        """A bare cell, with no files, inputs or session around it (``dhvm prepare``'s warm-up cells;
+        a session's cells go through ``Server.run_cell``)."""
+        return self.request({"op": P.OP_EXEC, "code": code, "options": {"max_rows": max_rows}}, on_frame=on_frame,
+                            timeout=timeout)
+
     @property
     def held(self) -> bool:
         """True while a checkpoint holds the agent."""

@@ -1,6 +1,7 @@
 """Which workspace files a cell names, and whether they may travel into the VM.
 
-This module decides; it does not send (``session.py`` does). A file travels when a string literal
+This module decides; it does not send (``server.py`` does). It also keeps the ledger of what an agent
+already has (``Pushed``), so an unchanged file is not sent twice. A file travels when a string literal
 in the cell (found with Python's tokenizer, so comments and f-strings are ignored, and calls like
 ``Path("data/x.csv")`` are seen) names a relative path with a data extension that exists as a
 regular file whose real path lies inside the workspace.
@@ -9,9 +10,11 @@ regular file whose real path lies inside the workspace.
 from __future__ import annotations
 
 import ast
+import hashlib
 import io
 import json
 import os
+import time
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,3 +197,46 @@ class CellInput:
             raise UsageError(f"-i {spec}: write -i NAME=FILE, NAME a Python name and FILE one of "
                              f"{', '.join('*' + s for s in FORMATS)} (e.g. -i trades=data/trades.parquet)")
         return cls.of(spec, name, read_table(path, what=f"-i {spec}"))
+
+
+# A file whose status changed this close to when it was read may change again within the same clock
+# tick without its ctime moving: its status is not trusted, its content is compared (racy-git rule).
+RACY_WINDOW_NS = 2_000_000_000
+
+
+@dataclass
+class Pushed:
+    """What an agent has of a workspace file: its content hash, and the file status seen then."""
+
+    stat_key: tuple
+    """(size, mtime, ctime, inode, device): ctime moves on every write and cannot be set back by a user,
+    unlike mtime (os.utime), so a same-size rewrite with the old mtime is still seen."""
+    sha256: str
+    trusted: bool
+    """False when the file changed just before it was read: then the next cell compares content."""
+
+
+def stat_key(st: os.stat_result) -> tuple:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def files_to_send(pushed: dict[str, Pushed], files: Sequence[PushFile]) -> tuple[list[dict], list[bytes], dict[str, Pushed]]:
+    """Of ``files``, the ones an agent holding ``pushed`` lacks: (their metadata, their contents, the
+    ledger entries to record once the agent has written them)."""
+    metas, datas, record = [], [], {}
+    for f in files:
+        prev = pushed.get(f.rel)
+        if prev and prev.trusted and prev.stat_key == stat_key(f.path.stat()):
+            continue  # unchanged: same status, and it had not just changed when it was read
+        read_at = time.time_ns()
+        with open(f.path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            data = fh.read()
+        digest = hashlib.sha256(data).hexdigest()
+        entry = Pushed(stat_key(st), digest, trusted=st.st_ctime_ns < read_at - RACY_WINDOW_NS)
+        record[f.rel] = entry
+        if prev and prev.sha256 == digest:
+            continue
+        metas.append({"path": f.rel, "size": len(data)})
+        datas.append(data)
+    return metas, datas, record

@@ -55,21 +55,21 @@ class LiveFeed:
     """A live view's conversation with the agent: ``on_update`` for each snapshot, ``on_end(why)`` once
     at the end (``why``: cancelled, released, rebound, static, stopped: …, or the error)."""
 
-    def __init__(self, client: AgentClient, name: str, on_update: Callable[[LiveUpdate], None],
-                 on_end: Callable[[str], None] | None = None, rows: int = DEFAULT_LIVE_ROWS,
-                 head: bool = False, rate: float = DEFAULT_LIVE_RATE, dtype_backend: str = "numpy_nullable"):
+    def __init__(self, client: AgentClient, request: dict, on_update: Callable[[LiveUpdate], None],
+                 on_end: Callable[[str], None] | None = None, dtype_backend: str = "numpy_nullable"):
         self.client = client
-        self.name = name
+        self.name = request["name"]
         self.on_update = on_update
         self.on_end = on_end
-        self.header = {"op": P.OP_WATCH, "name": name, "rows": rows, "head": head, "rate": rate}
+        self.header = request
+        """The watch request (``Server.watch`` makes it): what is watched, how many rows, how often."""
         self.dtype_backend = dtype_backend
         self.rid = client.new_id()
         self.updates = 0
         self.last: LiveUpdate | None = None
         self.ended: str | None = None
         self._stop_reason: str | None = None
-        self._thread = threading.Thread(target=self._run, name=f"dhvm-live-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"dhvm-live-{self.name}", daemon=True)
 
     def start(self) -> "LiveFeed":
         self._thread.start()
@@ -125,3 +125,32 @@ class LiveFeed:
     def join(self, wait: float = CANCEL_GRACE_S) -> None:
         if threading.current_thread() is not self._thread:
             self._thread.join(wait)
+
+
+class LiveViews:
+    """A session's live views: they end when asked, and with the session's server."""
+
+    def __init__(self):
+        self._feeds: list[LiveFeed] = []
+        self._lock = threading.Lock()
+
+    def add(self, feed: LiveFeed) -> LiveFeed:
+        with self._lock:
+            self._feeds = [f for f in self._feeds if f.running] + [feed]
+        return feed.start()
+
+    def running(self) -> list[LiveFeed]:
+        with self._lock:
+            return [f for f in self._feeds if f.running]
+
+    def stop(self, name: str | None = None, reason: str = "stopped") -> int:
+        """End the views (of table ``name``, or all); returns how many were running."""
+        with self._lock:
+            chosen = [f for f in self._feeds if name is None or f.name == name]
+            self._feeds = [f for f in self._feeds if f not in chosen and f.running]
+        running = [f for f in chosen if f.running]
+        for f in chosen:
+            f.stop(reason, wait=0)  # all cancels go out first; then each gets its grace
+        for f in chosen:
+            f.join()
+        return len(running)

@@ -25,8 +25,8 @@ from typing import Callable
 from . import protocol as P
 from .errors import AgentRefused, UsageError
 
-# ``Session`` and ``ReadyAgent`` in annotations are session.py's: not imported, as session.py imports this
-# module (the layers allow no circle, not even for type checkers).
+# ``Session`` (session.py) and ``Server`` (server.py) in annotations are not imported: session.py imports
+# this module (the layers allow no circle, not even for type checkers).
 
 # The auth type Deephaven's clients send for a pre-shared key (the agent's handler answers to it).
 PSK_AUTH_TYPE = "io.deephaven.authentication.psk.PskAuthenticationHandler"
@@ -189,49 +189,49 @@ def broker() -> LinkBroker:
 # -- a session's server ------------------------------------------------------------------------------
 
 
-def address_of(live: ReadyAgent) -> tuple[str, int] | None:
+def address_of(srv: Server) -> tuple[str, int] | None:
     """Where the host reaches an agent's Deephaven server (127.0.0.1 and a port)."""
-    port = live.instance.record.info.get("deephaven_port")  # a VM's forwarded port
+    port = srv.instance.record.info.get("deephaven_port")  # a VM's forwarded port
     if port is None:
-        port = (live.info.get("server") or {}).get("port")  # a local agent's own
+        port = (srv.info.get("server") or {}).get("port")  # a local agent's own
     return ("127.0.0.1", int(port)) if port else None
 
 
 def deephaven_address(session: Session) -> tuple[str, int] | None:
     """Where the host reaches the session's Deephaven server, if running."""
-    live = session.live
-    return address_of(live) if live is not None else None
+    srv = session.server
+    return address_of(srv) if srv is not None else None
 
 
-def _keyed_url(live: ReadyAgent, path: str, query: dict[str, str]) -> str | None:
+def _keyed_url(srv: Server, path: str, query: dict[str, str]) -> str | None:
     """The real URL, with the key: only ever sent as the broker's redirect, never shown."""
-    addr = address_of(live)
+    addr = address_of(srv)
     if addr is None:
         return None
-    if live.instance.key:
-        query = {**query, "psk": live.instance.key}
+    if srv.instance.key:
+        query = {**query, "psk": srv.instance.key}
     return f"http://{addr[0]}:{addr[1]}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
 
 
-def _link(session: Session, live: ReadyAgent, path: str, query: dict[str, str], remake: str) -> str:
-    """A one-time link to ``path`` on ``live``'s server, dead once the session runs another server."""
+def _link(session: Session, srv: Server, path: str, query: dict[str, str], remake: str) -> str:
+    """A one-time link to ``path`` on ``srv``'s server, dead once the session runs another server."""
     ref = weakref.ref(session)
 
     def target() -> str | None:
         s = ref()
-        if s is None or s.live is not live or not live.instance.alive():
+        if s is None or s.server is not srv or not srv.instance.alive():
             return None
-        return _keyed_url(live, path, query)
+        return _keyed_url(srv, path, query)
 
     return broker().mint(target, remake)
 
 
-def web_kind(session: Session, live: ReadyAgent, name: str) -> str:
+def web_kind(session: Session, srv: Server, name: str) -> str:
     """"table" or "widget" (a figure): which web UI view shows the object ``name`` holds, by its
     type as the agent's inspection names it (``prices: deephaven.table.Table``)."""
     if not name.isidentifier():
         raise UsageError(f"{name!r} is not a variable name; write %dhvm ide NAME (or %dhvm ide for the console)")
-    found = session._request(live, {"op": P.OP_INSPECT, "code": name, "cursor_pos": len(name), "detail_level": 0})
+    found = srv.type_of(name)
     if not found.get("found"):
         raise UsageError(f"there is no table or figure named {name!r} in the session (%dhvm tables lists the "
                          f"tables); %dhvm ide without a name opens the console")
@@ -251,32 +251,32 @@ def ide_url(session: Session, name: str | None = None) -> str:
         raise session._per_cell_note("no server to open")
     with session._lock:
         session.start()
-        live = session.live
-        assert live is not None
+        srv = session.server
+        assert srv is not None
         path, query = "/ide/", {}
         if name is not None:
-            path = f"/iframe/{web_kind(session, live, name)}/"
+            path = f"/iframe/{web_kind(session, srv, name)}/"
             query["name"] = name
-        apply_web_settings(session, live)
-        return _link(session, live, path, query, f"%dhvm ide {name}" if name else "%dhvm ide")
+        apply_web_settings(session, srv)
+        return _link(session, srv, path, query, f"%dhvm ide {name}" if name else "%dhvm ide")
 
 
 def console_link(session: Session) -> str | None:
     """A one-time link to the web IDE of the running server (None: none running); starts nothing."""
-    live = session.live
-    if live is None or address_of(live) is None:
+    srv = session.server
+    if srv is None or address_of(srv) is None:
         return None
-    apply_web_settings(session, live)
-    return _link(session, live, "/ide/", {}, "%dhvm ide")
+    apply_web_settings(session, srv)
+    return _link(session, srv, "/ide/", {}, "%dhvm ide")
 
 
 def widget_url(session: Session, name: str) -> str | None:
     """A one-time link to the web UI's view of one widget (a Deephaven Figure) by the variable that holds it."""
-    live = session.live
-    if live is None or address_of(live) is None:
+    srv = session.server
+    if srv is None or address_of(srv) is None:
         return None
-    apply_web_settings(session, live)
-    return _link(session, live, "/iframe/widget/", {"name": name}, f"%dhvm ide {name}")
+    apply_web_settings(session, srv)
+    return _link(session, srv, "/iframe/widget/", {"name": name}, f"%dhvm ide {name}")
 
 
 def widget_links(session: Session, data: dict) -> dict:
@@ -338,16 +338,16 @@ def check_time_zone(zone: str) -> str:
     return zone
 
 
-def apply_web_settings(session: Session, live: ReadyAgent) -> None:
-    """Give ``live``'s server the web UI's time zone, if it has another one (once per server and zone)."""
+def apply_web_settings(session: Session, srv: Server) -> None:
+    """Give ``srv``'s server the web UI's time zone, if it has another one (once per server and zone)."""
     zone = _web_time_zone
-    if getattr(live, "web_time_zone", None) == zone:
+    if srv.web_time_zone == zone:
         return
     try:
-        done = session._request(live, {"op": P.OP_WEB, "time_zone": zone})
+        done = srv.web(zone)
     except AgentRefused:  # an agent older than this op: its server keeps its zone, the link still works
         done = {}
-    live.web_time_zone = done.get("time_zone", zone)  # type: ignore[attr-defined] - remembered on the agent
+    srv.web_time_zone = done.get("time_zone", zone)
 
 
 def pydeephaven_session(session: Session, **kwargs):
@@ -359,7 +359,7 @@ def pydeephaven_session(session: Session, **kwargs):
 
     with session._lock:
         session.start()
-        live = session.live
-        assert live is not None
-        host, port = address_of(live) or ("127.0.0.1", 0)
-        return DhSession(host=host, port=port, auth_type=PSK_AUTH_TYPE, auth_token=live.instance.key or "", **kwargs)
+        srv = session.server
+        assert srv is not None
+        host, port = address_of(srv) or ("127.0.0.1", 0)
+        return DhSession(host=host, port=port, auth_type=PSK_AUTH_TYPE, auth_token=srv.instance.key or "", **kwargs)

@@ -161,8 +161,7 @@ def warm_up(runner: PhaseRunner, phase: str, client: AgentClient) -> list[dict]:
                 errors.append(f"{frame.header.get('name')}: {frame.header.get('value')}")
 
         t1 = time.monotonic()
-        done = client.request({"op": P.OP_EXEC, "code": code, "options": {"max_rows": 10}}, on_frame=on_frame,
-                              timeout=WARMUP_CELL_TIMEOUT_S)
+        done = client.run_code(code, on_frame, timeout=WARMUP_CELL_TIMEOUT_S)
         status, secs = done.get("status", "?"), round(time.monotonic() - t1, 1)
         out.append({"cell": i, "status": status, "seconds": secs, **({"error": errors[0]} if errors else {})})
         runner.log(f"warm-up cell {i}: {status} in {secs}s{' ' + errors[0] if errors else ''}")

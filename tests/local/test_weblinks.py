@@ -198,7 +198,7 @@ def test_ide_status_and_figure_outputs_hold_links_not_keys(ip):
         ip.run_line_magic("dhvm", "status")
         ip.run_line_magic("dhvm", "ide wl_t")
     session = ip.magics_manager.registry["Dhvm"].session
-    key = session.live.instance.key
+    key = session.server.instance.key
     everything = cap.stdout + cap.stderr + json.dumps([o.data for o in cap.outputs])
     assert key
     assert key not in everything
@@ -236,7 +236,7 @@ def test_the_web_ui_shows_utc_unless_told_otherwise(ip, caplog):
 @pytest.mark.qemu
 def test_a_vms_link_opens_once_and_its_key_is_in_no_argv(vm):
     url = vm.ide_url()
-    key = vm.live.instance.key
+    key = vm.server.instance.key
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             assert key.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid

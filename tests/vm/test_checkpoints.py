@@ -348,7 +348,7 @@ def test_two_restores_have_the_same_tables_and_values_the_clock_now_and_differen
         s = Session(backend="qemu", config_dir=ck_home, snapshot="loaded")
         try:
             got.append(_probe(s))
-            assert s.live.checkpoint == "loaded"
+            assert s.server.checkpoint == "loaded"
         finally:
             s.stop()
     for g in got:
@@ -393,7 +393,7 @@ def test_restore_replaces_the_session_server_and_a_fork_is_independent(loaded, c
             mine, theirs = s.execute("print(marker, by_sym.size, drawn)"), child.execute("print(marker, by_sym.size, drawn)")
             assert mine.stdout.split() == ["main", str(len(loaded["before"]["q"])), str(loaded["before"]["drawn"])]
             assert theirs.stdout.split() == ["fork", "1", "0.0"]
-            assert child.live.checkpoint == f"fork of {s.instance.id}"
+            assert child.server.checkpoint == f"fork of {s.instance.id}"
             assert child.instance.id != s.instance.id and child.instance.proc.pid != s.instance.proc.pid
         finally:
             child.stop()

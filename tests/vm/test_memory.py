@@ -52,23 +52,23 @@ for step in steps:
     elif op == "start":
         try:
             s.start()
-            inst = s.live.instance
+            inst = s.server.instance
             say(op=op, ok=True, id=inst.id, dir=str(inst.dir), pid=inst.proc.pid)
         except DhvmError as e:
             mine = [r.id for r in list_instances(s.layout) if r.owner_pid == os.getpid()]
             say(op=op, ok=False, error=str(e), kind=type(e).__name__, instances=mine)
     elif op == "cell":
         r = s.execute(step["code"])
-        say(op=op, id=s.live.instance.id if s.live else None, stdout=r.stdout, stderr=r.stderr,
+        say(op=op, id=s.server.instance.id if s.server else None, stdout=r.stdout, stderr=r.stderr,
             error=None if r.error is None else {"name": r.error.name, "value": r.error.value})
     elif op == "wait_dead":  # the VM dies while idle (no request in flight)
-        inst = s.live.instance
+        inst = s.server.instance
         deadline = time.monotonic() + step["timeout"]
         while inst.alive() and time.monotonic() < deadline:
             time.sleep(0.2)
         say(op=op, dead=not inst.alive())
     elif op == "kill":
-        os.kill(s.live.instance.proc.pid, 9)
+        os.kill(s.server.instance.proc.pid, 9)
     elif op == "summary":
         say(op=op, **s.summary())
     elif op == "stop":

@@ -116,7 +116,7 @@ def test_naming_the_last_expression_is_linear_in_the_cell_length():
 def test_the_agents_java_names_match_the_hosts():
     from dhg_kernel import guest_java
     from dhg_kernel.guest import server
-    from dhg_kernel.session import PSK_AUTH_TYPE
+    from dhg_kernel.weblinks import PSK_AUTH_TYPE
 
     assert server.AUTH_HANDLER == guest_java.AUTH_HANDLER and server.JVM_OPENS == guest_java.JVM_OPENS
     assert server.PSK_TYPE == PSK_AUTH_TYPE
@@ -217,7 +217,7 @@ def test_a_vm_lost_between_cells_is_announced_in_the_next_cell(local):
     first = local.instance
     os.kill(first.record.processes[0].pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while local.live.client.dead is None and time.monotonic() < deadline:
+    while local.server.client.dead is None and time.monotonic() < deadline:
         time.sleep(0.05)
     told: list[str] = []
     r = local.execute("print('t' in globals())", on_stderr=told.append)
