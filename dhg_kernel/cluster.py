@@ -298,7 +298,7 @@ def run(args) -> int:
         path = install_kubernetes(args.kubernetes, name, args.kvm, args.home_claim, user=args.user, prefix=args.prefix)
         print(f"installed kernelspec '{name}' ({K8S_DISPLAY_NAME}, image {args.kubernetes}, /dev/kvm by {args.kvm}, "
               f"DHG_HOME on claim {args.home_claim}) in {path}\nit needs Jupyter to run with gateway-provisioners' "
-              "Kubernetes access (pip install 'gateway-provisioners[k8s]'); see README, 'Many hosts'")
+              "Kubernetes access (pip install 'gateway-provisioners[k8s]'); see docs/many-hosts.md")
         return 0
     name = args.name or DEFAULT_NAME
     if args.action == "uninstall":

@@ -52,7 +52,7 @@ def dhg_home(override: str | os.PathLike | None = None) -> Path:
 
 @dataclass(frozen=True)
 class Layout:
-    """Every path under ``DHG_HOME``: nothing else builds one (see DESIGN.md)::
+    """Every path under ``DHG_HOME``: nothing else builds one (docs/design-facts.md, "The DHG_HOME layout")::
 
         vm/rootfs/{base/, wheels/<v>/, rootfs-<v>.ext4}   the guest tree, its wheels, the root disk
         vm/kernel/{vmlinux, initrd.img}                   the guest kernel (PVH) and its initrd

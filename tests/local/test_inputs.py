@@ -24,7 +24,7 @@ def run(ip, src):
 
 
 def _every_type() -> pd.DataFrame:
-    """One column per dtype the result tables come back as (README, Tables and dtypes)."""
+    """One column per dtype the result tables come back as (docs/data.md, "Tables and dtypes")."""
     return pd.DataFrame({
         "i8": pd.array([1, None, -3], dtype="Int8"),
         "i16": pd.array([300, None, -3], dtype="Int16"),
