@@ -173,9 +173,43 @@ class Backend(ABC):
         return (f"the {self.name} backend cannot save or restore checkpoints: only a VM's whole memory can be "
                 f"saved and brought back. Use a microVM backend: %config Dhvm.backend = 'qemu' (or --backend qemu)")
 
+    isolation = "?"
+    """What keeps an instance from the host, for ``status``."""
+
+    heap_requested: str | None = None
+    """A heap size asked for; a snapshot's JVM keeps the heap it was prepared with (only reported)."""
+
     def describe(self) -> dict:
-        """Backend facts for ``status`` (accel, snapshot, why it was chosen…)."""
-        return {"backend": self.name}
+        """Backend facts for ``status``: the common ones built here (name, isolation, what a VM starts from,
+        the snapshot's machine, a heap asked for but not had), each backend's own from ``describe_own``
+        and ``describe_machine``."""
+        out: dict = {"backend": self.name, "isolation": self.isolation, **self.describe_own()}
+        if self.start_from:
+            out["start_from"] = self.start_from
+        try:
+            snap = self.described_snapshot()
+        except BackendUnavailable as e:
+            out["snapshot_error"] = str(e)
+            snap = None
+        if snap is not None:
+            m = snap.machine
+            out.update({"snapshot": str(snap.dir), "ram_mb": m.ram_mb, "heap": m.heap,
+                        "snapshot_created": snap.meta.get("created"), **self.describe_machine(m)})
+        if self.heap_requested and self.heap_requested != out.get("heap"):
+            out["note"] = f"heap {self.heap_requested} requested, but the snapshot's JVM has {out.get('heap')}"
+        return out
+
+    def describe_own(self) -> dict:
+        """This backend's own facts for ``describe`` (its binary, its checks…)."""
+        return {}
+
+    def described_snapshot(self):
+        """The snapshot ``describe`` reports (None: none; BackendUnavailable: reported as snapshot_error)."""
+        return None
+
+    def describe_machine(self, machine) -> dict:
+        """What ``describe`` adds about the snapshot's machine beyond RAM and heap."""
+        return {}
 
 
 class ColdBoot(ABC):

@@ -26,7 +26,6 @@ at every snapshot, so the saved VM's open streams end when it resumes (listeners
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -38,13 +37,13 @@ from ..config import DH_VERSION, Layout
 from ..errors import BackendUnavailable, CheckpointError
 from ..instances import InstanceRecord
 from . import checkpoint_store as store, netns, vsock
-from .base import Backend, RestoredInstance
+from .base import Backend, RestoredInstance, read_snapshot_metadata
 from .fc_api import FirecrackerAPI, FirecrackerAPIError, SpecError, Version, version_str
 from .fc_release import FirecrackerBinary, FirecrackerMissing, from_path, obtain
 from .host import Check, host_checks
 from .machine import GUEST_DH_PORT
 from .restore import Restore
-from .fc_calls import (AGENT_VSOCK_PORT, CHECKPOINT_MEM_NAME, CHECKPOINT_VMSTATE_NAME, FC_LOG, MEM_NAME,
+from .fc_calls import (SNAPSHOT_FORMAT, AGENT_VSOCK_PORT, CHECKPOINT_MEM_NAME, CHECKPOINT_VMSTATE_NAME, FC_LOG, MEM_NAME,
                        RESTORE_REFUSED_S, RESTORE_TIMEOUT_S, ROOT_DRIVE_ID, ROOTFS_NAME,
                        VMSTATE_NAME, VSOCK_UDS, Call, FcMachine, checkpoint_calls,
                        cold_boot_calls, open_api, restore_calls, resume_calls, send,
@@ -139,9 +138,11 @@ class FirecrackerBackend(Backend):
         return fc
 
     def _snapshot_meta(self) -> dict:
+        """The base snapshot's metadata, unchecked ({} if there is none yet): which binary and jailer made it."""
         try:
-            return json.loads((self.layout.firecracker_snapshots(self.dh_version) / FcSnapshot.METADATA).read_text())
-        except (OSError, ValueError):
+            return read_snapshot_metadata(self.layout.firecracker_snapshots(self.dh_version), self.name,
+                                          SNAPSHOT_FORMAT, "Firecracker", "run: dhvm prepare --backend firecracker")
+        except BackendUnavailable:
             return {}
 
     def snapshot(self, checkpoint: str | None = None) -> FcSnapshot:
@@ -282,20 +283,19 @@ class FirecrackerBackend(Backend):
             sizes=snapshot_sizes(work),
             timings={"save_s": round(time.perf_counter() - t0, 2), "paused_s": round(paused_s, 2)})
 
-    def describe(self) -> dict:
-        out: dict = {"backend": self.name, "isolation": "Firecracker microVM (KVM)",
-                     "checks": {c.name: ("ok: " if c.ok else "FAILED: ") + str(c) for c in self.checks(run_binary=True)}}
-        if self.start_from:
-            out["start_from"] = self.start_from
+    isolation = "Firecracker microVM (KVM)"
+
+    def describe_own(self) -> dict:
+        out = {"checks": {c.name: ("ok: " if c.ok else "FAILED: ") + str(c) for c in self.checks(run_binary=True)}}
         if self._fc:
             out.update(self._fc.describe())
-        if self._snapshot:
-            m = self._snapshot.machine
-            out.update({"snapshot": str(self._snapshot.dir), "ram_mb": m.ram_mb, "vcpus": m.vcpus, "heap": m.heap,
-                        "network": m.network, "snapshot_created": self._snapshot.meta.get("created")})
-        if self.heap_requested and self.heap_requested != out.get("heap"):
-            out["note"] = f"heap {self.heap_requested} requested, but the snapshot's JVM has {out.get('heap')}"
         return out
+
+    def described_snapshot(self) -> FcSnapshot | None:
+        return self._snapshot  # checked by checks() above; its failure is among them
+
+    def describe_machine(self, machine: FcMachine) -> dict:
+        return {"vcpus": machine.vcpus, "network": machine.network}
 
 
 def _resume(api: FirecrackerAPI, version: Version) -> Exception | None:

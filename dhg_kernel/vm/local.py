@@ -109,5 +109,14 @@ class LocalBackend(Backend):
             raise AgentStartError(f"local agent failed to start: {e}\n--- agent.log (last lines) ---\n{tail}") from None
         return inst
 
-    def describe(self) -> dict:
-        return {"backend": self.name, "isolation": "none (a host process)", "python": self.python}
+    isolation = "none (a host process)"
+
+    def why_not(self) -> str | None:
+        try:
+            self.check()
+        except BackendUnavailable as e:
+            return str(e)
+        return None
+
+    def describe_own(self) -> dict:
+        return {"python": self.python}

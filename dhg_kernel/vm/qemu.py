@@ -351,19 +351,24 @@ class QemuBackend(Backend):
                         "migration_bytes": (mig.get("ram") or {}).get("transferred")},
         }
 
-    def describe(self) -> dict:
-        out: dict = {"backend": self.name, "isolation": "QEMU microvm", "qemu": self.qemu or qemu_binary()}
-        if self.start_from:
-            out["start_from"] = self.start_from
+    isolation = "QEMU microvm"
+
+    def describe_own(self) -> dict:
+        return {"qemu": self.qemu or qemu_binary()}
+
+    def described_snapshot(self) -> Snapshot:
+        return self._snapshot or self.snapshot()
+
+    def describe_machine(self, machine: Machine) -> dict:
+        return {"accel": machine.accel}
+
+    def why_not(self) -> str | None:
         try:
-            snap = self._snapshot or self.snapshot()
-            out.update({"accel": snap.machine.accel, "snapshot": str(snap.dir), "ram_mb": snap.machine.ram_mb,
-                        "heap": snap.machine.heap, "snapshot_created": snap.meta.get("created")})
+            self.binary()
+            self.snapshot()
         except BackendUnavailable as e:
-            out["snapshot_error"] = str(e)
-        if self.heap_requested and self.heap_requested != out.get("heap"):
-            out["note"] = f"heap {self.heap_requested} requested, but the snapshot's JVM has {out.get('heap')}"
-        return out
+            return str(e)
+        return None
 
 
 class _PortTaken(Exception):
