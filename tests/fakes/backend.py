@@ -61,6 +61,7 @@ class FakeBackend(Backend):
     """Starts fake agents; no checkpoints, no forks (the base class's refusals)."""
 
     name = NAME
+    isolation = "none (a fake agent, for tests)"
     can_checkpoint = False
     can_fork = False
 
@@ -93,9 +94,6 @@ class FakeBackend(Backend):
             raise AgentStartError(f"fake agent failed to start: {e}\n--- agent.log ---\n{tail}") from None
         self.started.append(inst)
         return inst
-
-    def describe(self) -> dict:
-        return {"backend": self.name, "isolation": "none (a fake agent, for tests)"}
 
 
 def install() -> None:
