@@ -18,7 +18,7 @@ PID = "import os\nos.getpid()"
 
 
 @pytest.fixture
-def session(tmp_path):
+def make_session(tmp_path):
     made: list[Session] = []
 
     def make(mode: str = "per-session", **options) -> Session:
@@ -43,8 +43,8 @@ def value(result) -> str:
     return result.value["text/plain"]
 
 
-def test_per_session_mode_reuses_one_server(session):
-    s = session()
+def test_per_session_mode_reuses_one_server(make_session):
+    s = make_session()
     first, _ = run(s, "x = 41\nprint('hello')\n" + PID)
     assert first.stdout == "hello\n"
     second, _ = run(s, "x + 1")
@@ -54,8 +54,8 @@ def test_per_session_mode_reuses_one_server(session):
     assert len(s.backend.started) == 1
 
 
-def test_per_cell_mode_gives_each_cell_a_fresh_server(session):
-    s = session("per-cell")
+def test_per_cell_mode_gives_each_cell_a_fresh_server(make_session):
+    s = make_session("per-cell")
     first, _ = run(s, "x = 1\n" + PID)
     second, _ = run(s, PID)
     assert value(first) != value(second)
@@ -66,16 +66,16 @@ def test_per_cell_mode_gives_each_cell_a_fresh_server(session):
     assert not s.running
 
 
-def test_a_cell_can_override_the_mode(session):
-    s = session()
+def test_a_cell_can_override_the_mode(make_session):
+    s = make_session()
     mine, _ = run(s, PID)
     fresh, _ = run(s, PID, mode="per-cell")
     again, _ = run(s, PID)
     assert value(fresh) != value(mine) and value(again) == value(mine)
 
 
-def test_an_agent_dying_mid_cell_fails_that_cell_and_the_next_runs_on_a_fresh_server(session):
-    s = session()
+def test_an_agent_dying_mid_cell_fails_that_cell_and_the_next_runs_on_a_fresh_server(make_session):
+    s = make_session()
     before, _ = run(s, "x = 1\n" + PID)
     died, _ = run(s, "print('about to die')\nfake_agent.die()")
     assert died.status == "error" and died.error.name == "AgentDied"
@@ -88,8 +88,8 @@ def test_an_agent_dying_mid_cell_fails_that_cell_and_the_next_runs_on_a_fresh_se
     assert lost.error.name == "NameError"
 
 
-def test_an_agent_dying_between_cells_is_announced_in_the_next_cell(session):
-    s = session()
+def test_an_agent_dying_between_cells_is_announced_in_the_next_cell(make_session):
+    s = make_session()
     before, _ = run(s, "import threading\nthreading.Timer(0.05, fake_agent.die).start()\n" + PID)
     s.backend.started[0].proc.wait(timeout=5)
     after, told = run(s, PID)
@@ -102,8 +102,8 @@ def test_an_agent_dying_between_cells_is_announced_in_the_next_cell(session):
     assert s.summary()["running"] is True
 
 
-def test_a_timeout_cancels_the_cell_and_keeps_the_server(session):
-    s = session()
+def test_a_timeout_cancels_the_cell_and_keeps_the_server(make_session):
+    s = make_session()
     before, _ = run(s, "x = 5\n" + PID)
     slow, _ = run(s, "import time\ntime.sleep(30)", timeout=0.2)
     assert slow.status == "cancelled"
@@ -113,8 +113,8 @@ def test_a_timeout_cancels_the_cell_and_keeps_the_server(session):
     assert len(s.backend.started) == 1
 
 
-def test_a_hung_agent_is_replaced_after_the_cancel_grace(session):
-    s = session()
+def test_a_hung_agent_is_replaced_after_the_cancel_grace(make_session):
+    s = make_session()
     before, _ = run(s, "x = 5\n" + PID)
     hung, _ = run(s, "fake_agent.hang()", timeout=0.1)
     assert hung.status == "cancelled"
@@ -124,16 +124,16 @@ def test_a_hung_agent_is_replaced_after_the_cancel_grace(session):
     assert value(after) != value(before)
 
 
-def test_a_slow_agent_still_answers(session):
-    s = session(delay=0.1, hello_delay=0.05)
+def test_a_slow_agent_still_answers(make_session):
+    s = make_session(delay=0.1, hello_delay=0.05)
     result, _ = run(s, "6 * 7", timeout=5)
     assert value(result) == "42"
     assert result.timings["roundtrip_ms"] >= 100
     assert s.stats()["cells"] == 1
 
 
-def test_files_are_pushed_once_and_again_only_when_changed(session, tmp_path):
-    s = session()
+def test_files_are_pushed_once_and_again_only_when_changed(make_session, tmp_path):
+    s = make_session()
     data = tmp_path / "data.csv"
     data.write_text("a,b\n1,2\n")
     push = lambda: [PushFile("data.csv", data, data.stat().st_size)]  # noqa: E731
@@ -147,8 +147,8 @@ def test_files_are_pushed_once_and_again_only_when_changed(session, tmp_path):
     assert s.status()["files_pushed"] == 1
 
 
-def test_files_are_pushed_again_to_a_replacement_server(session, tmp_path):
-    s = session()
+def test_files_are_pushed_again_to_a_replacement_server(make_session, tmp_path):
+    s = make_session()
     data = tmp_path / "data.csv"
     data.write_text("x\n")
     push = [PushFile("data.csv", data, data.stat().st_size)]
@@ -158,16 +158,16 @@ def test_files_are_pushed_again_to_a_replacement_server(session, tmp_path):
     assert again.files == ["data.csv"] and value(again) == repr("x\n")
 
 
-def test_cell_errors_come_back_with_their_name_and_the_session_goes_on(session):
-    s = session()
+def test_cell_errors_come_back_with_their_name_and_the_session_goes_on(make_session):
+    s = make_session()
     bad, _ = run(s, "1/0")
     assert bad.status == "error" and bad.error.name == "ZeroDivisionError"
     ok, _ = run(s, "'fine'")
     assert value(ok) == "'fine'"
 
 
-def test_tables_stats_and_stop(session):
-    s = session()
+def test_tables_stats_and_stop(make_session):
+    s = make_session()
     run(s, "t = FakeTable(a=[1, 2, 3])")
     assert [(t["name"], t["rows"]) for t in s.tables()] == [("t", 3)]
     assert s.stats()["tables"] == 1
