@@ -175,3 +175,14 @@ def test_tables_stats_and_stop(make_session):
     s.stop()
     assert not s.running and not inst.alive() and not Path(inst.dir).exists()
     assert s.status()["running"] is False
+
+
+def test_completion_and_inspection_come_from_the_live_namespace(make_session):
+    s = make_session()
+    assert s.complete("tot", 3)["matches"] == []  # no server yet: nothing to ask, and none is started
+    assert not s.running
+    run(s, "total_rows = 3")
+    got = s.complete("x = tot", 7)
+    assert got["matches"] == ["total_rows"] and (got["cursor_start"], got["cursor_end"]) == (4, 7)
+    assert s.inspect("total_rows", 10)["found"] is True
+    assert s.inspect("missing", 7)["found"] is False
