@@ -251,6 +251,13 @@ class ColdBoot(ABC):
         """Kill the VMM and remove the cold boot's run directory. Idempotent."""
 
 
+def kill_vmm(proc: subprocess.Popen | None) -> None:
+    """Kill a VMM process that still runs and reap it (None: there is none)."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def file_tail(path: Path, lines: int = 20, missing: str = "(none)") -> str:
     """The last ``lines`` lines of a log file, for an error message (``missing`` if it cannot be read)."""
     try:

@@ -15,7 +15,7 @@ from ..client import AgentClient
 from ..config import Layout
 from ..instances import new_instance
 from . import netns, vsock
-from .base import ColdBoot
+from .base import ColdBoot, kill_vmm
 from .fc_api import FirecrackerAPI
 from .machine import GUEST_DH_PORT
 from .fc_calls import (AGENT_VSOCK_PORT, CONSOLE_LOG, FC_LOG, INITRD_NAME, KERNEL_NAME, MEM_NAME, ROOTFS_NAME,
@@ -110,9 +110,7 @@ class FcColdBoot(ColdBoot):
         if self.api is not None:
             self.api.close()
             self.api = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        kill_vmm(self.proc)
 
     def destroy(self) -> None:
         from ..instances import destroy

@@ -36,13 +36,13 @@ from typing import Callable
 from ..config import DH_VERSION, Layout
 from ..errors import BackendUnavailable, CheckpointError
 from ..instances import InstanceRecord
-from . import checkpoint_store as store, netns, vsock
-from .base import Backend, RestoredInstance, read_snapshot_metadata
+from . import netns, vsock
+from .base import RestoredInstance, read_snapshot_metadata
 from .fc_api import FirecrackerAPI, FirecrackerAPIError, SpecError, Version, version_str
 from .fc_release import FirecrackerBinary, FirecrackerMissing, from_path, obtain
 from .host import Check, host_checks
 from .machine import GUEST_DH_PORT
-from .restore import Restore
+from .restore import Restore, SnapshotBackend
 from .fc_calls import (SNAPSHOT_FORMAT, AGENT_VSOCK_PORT, CHECKPOINT_MEM_NAME, CHECKPOINT_VMSTATE_NAME, FC_LOG, MEM_NAME,
                        RESTORE_REFUSED_S, RESTORE_TIMEOUT_S, ROOT_DRIVE_ID, ROOTFS_NAME,
                        VMSTATE_NAME, VSOCK_UDS, Call, FcMachine, checkpoint_calls,
@@ -92,7 +92,7 @@ class FirecrackerInstance(RestoredInstance):
 
 
 
-class FirecrackerBackend(Backend):
+class FirecrackerBackend(SnapshotBackend):
     """Restores Firecracker microVMs from the snapshot ``dhvm prepare --backend firecracker`` made."""
 
     name = "firecracker"
@@ -101,20 +101,11 @@ class FirecrackerBackend(Backend):
                  jailer: str | None = None, jailer_uid: int | None = None, jailer_gid: int | None = None,
                  network: bool = False, netns_parent: str | None = None,
                  restore_timeout: float = RESTORE_TIMEOUT_S, heap: str | None = None, snapshot: str | None = None, **_ignored):
-        self.start_from = snapshot
-        """A checkpoint's name: every VM starts from it instead of the base snapshot (``Dhvm.snapshot``)."""
-        self.layout = layout
-        self.dh_version = dh_version
+        super().__init__(layout, dh_version, heap, restore_timeout, snapshot)
         self.firecracker = firecracker
-        self.jailer = jailer
-        self.jailer_uid = jailer_uid
-        self.jailer_gid = jailer_gid
-        self.network = network
-        self.netns_parent = netns_parent
-        self.restore_timeout = restore_timeout
-        self.heap_requested = heap
+        self.jailer, self.jailer_uid, self.jailer_gid = jailer, jailer_uid, jailer_gid
+        self.network, self.netns_parent = network, netns_parent
         self._fc: FirecrackerBinary | None = None
-        self._snapshot: FcSnapshot | None = None
         self._api_check: Check | None = None
 
     # -- checks ------------------------------------------------------------------------------------
@@ -145,18 +136,11 @@ class FirecrackerBackend(Backend):
         except BackendUnavailable:
             return {}
 
-    def snapshot(self, checkpoint: str | None = None) -> FcSnapshot:
-        """What a VM starts from: the checkpoint ``checkpoint`` (or ``start_from``) or the base snapshot,
-        checked as the base is (and a checkpoint against the base it grew from)."""
-        base = self.base_snapshot()
-        name = checkpoint or self.start_from
-        if not name:
-            return base
-        snap = store.snapshot_of(self.layout, name, self.name, base.meta, self.dh_version,
-                                       lambda d: FcSnapshot.load_from(d, self.layout.vm))
-        snap.check_inputs(self.layout.vm)
+    def load_snapshot(self, directory: Path) -> FcSnapshot:
+        return FcSnapshot.load_from(directory, self.layout.vm)
+
+    def check_checkpoint(self, snap: FcSnapshot) -> None:
         snap.check_version(self.binary().version)
-        return snap
 
     def base_snapshot(self) -> FcSnapshot:
         """The prepared snapshot, checked against its inputs, this binary's version and the options."""
@@ -228,11 +212,6 @@ class FirecrackerBackend(Backend):
                        netns_parent=self.netns_parent)
 
     # -- checkpoints -------------------------------------------------------------------------------
-
-    can_checkpoint = True
-
-    def checkpoint_bytes(self, instance: FirecrackerInstance) -> int:
-        return instance.snapshot.machine.ram_mb * 2**20  # a Full snapshot writes all of guest memory
 
     def checkpoint(self, instance: FirecrackerInstance, work: Path, resumed: Callable[[], None] = lambda: None) -> dict:
         """Save the running VM into ``work`` as a snapshot (``vmstate``, ``mem``) and let it run on.

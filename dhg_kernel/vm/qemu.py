@@ -27,13 +27,12 @@ from typing import Callable
 from ..config import DH_VERSION, Layout
 from ..errors import AgentStartError, BackendUnavailable, CheckpointError
 from ..instances import destroy, new_instance
-from . import checkpoint_store as store
-from .base import (SNAPSHOT_METADATA, Backend, RestoredInstance, check_snapshot_inputs, connect_unix, file_tail,
+from .base import (SNAPSHOT_METADATA, RestoredInstance, check_snapshot_inputs, connect_unix, file_tail,
                    read_snapshot_metadata, require_snapshot_files)
 from .host import kvm_usable
 from .machine import DEFAULT_HEAP, DEFAULT_RAM_MB, GUEST_DH_PORT
 from .qmp import Monitor, QMPCommandError
-from .restore import Restore
+from .restore import Restore, SnapshotBackend
 from .qemu_machine import (CHECKPOINT_BANDWIDTH, CHECKPOINT_TIMEOUT_S, QEMU_BINARY, RESTORE_TIMEOUT_S,
                            SNAPSHOT_FORMAT, TCG_CPU, TCG_JVM_OPTS, Machine, free_port,
                            qemu_binary, qemu_version)
@@ -194,7 +193,7 @@ class QemuRestore(Restore):
             raise _PortTaken(tail) from None
 
 
-class QemuBackend(Backend):
+class QemuBackend(SnapshotBackend):
     """Restores microVMs from the snapshot that ``dhvm prepare`` made for ``dh_version``."""
 
     name = "qemu"
@@ -202,29 +201,14 @@ class QemuBackend(Backend):
     def __init__(self, layout: Layout, dh_version: str = DH_VERSION, accel: str = "auto", qemu: str | None = None,
                  heap: str | None = None, restore_timeout: float = RESTORE_TIMEOUT_S, snapshot: str | None = None,
                  **_ignored):
-        self.layout = layout
-        self.start_from = snapshot
-        """A checkpoint's name: every VM starts from it instead of the base snapshot (``Dhvm.snapshot``)."""
-        self.dh_version = dh_version
+        super().__init__(layout, dh_version, heap, restore_timeout, snapshot)
         self.accel = accel
         self.qemu = qemu
-        # The heap (and RAM) are baked into the snapshot at prepare time; a different wish is only reported.
-        self.heap_requested = heap
-        self.restore_timeout = restore_timeout
-        self._snapshot: Snapshot | None = None
 
     # -- checks ------------------------------------------------------------------------------------
 
-    def snapshot(self, checkpoint: str | None = None) -> Snapshot:
-        """What a VM starts from: the checkpoint ``checkpoint`` (or ``start_from``) or the base snapshot,
-        checked against the files it was taken with (and a checkpoint against the base snapshot)."""
-        base = self.base_snapshot()
-        name = checkpoint or self.start_from
-        if not name:
-            return base
-        snap = store.snapshot_of(self.layout, name, self.name, base.meta, self.dh_version, Snapshot.load)
-        snap.check_inputs(self.layout.vm)
-        return snap
+    def load_snapshot(self, directory: Path) -> Snapshot:
+        return Snapshot.load(directory)
 
     def base_snapshot(self) -> Snapshot:
         """The snapshot ``dhvm prepare`` made, checked against the files it was taken with."""
@@ -265,7 +249,6 @@ class QemuBackend(Backend):
         """A new VM: from ``snap``'s files, or (``fork_of``) migrated from that running VM."""
         return QemuRestore(self, qemu, snap, fork_of, resumed).run()
 
-    can_checkpoint = True
     can_fork = True
     # QEMU 7.2 opens a memory-backend-file O_RDWR even with share=off (readonly=on would make the RAM a ROM).
     checkpoint_writable_files = ("mem",)
@@ -276,9 +259,6 @@ class QemuBackend(Backend):
         quicker than a checkpoint and a restore; ``resumed`` is called once the parent runs again. The
         caller holds the parent's agent still around this, as for a checkpoint."""
         return self._restore(self.binary(), parent.snapshot, fork_of=parent, resumed=resumed)
-
-    def checkpoint_bytes(self, instance: QemuInstance) -> int:
-        return instance.snapshot.machine.ram_mb * 2**20
 
     def checkpoint(self, instance: QemuInstance, work: Path, resumed: Callable[[], None] = lambda: None) -> dict:
         """Save the running VM's memory and device state into ``work`` as a snapshot (``mem``, ``state``).
@@ -355,9 +335,6 @@ class QemuBackend(Backend):
 
     def describe_own(self) -> dict:
         return {"qemu": self.qemu or qemu_binary()}
-
-    def described_snapshot(self) -> Snapshot:
-        return self._snapshot or self.snapshot()
 
     def describe_machine(self, machine: Machine) -> dict:
         return {"accel": machine.accel}

@@ -16,7 +16,7 @@ from typing import Callable
 from ..client import AgentClient
 from ..config import Layout
 from ..instances import destroy, new_instance
-from .base import ColdBoot, connect_unix, file_stamp
+from .base import ColdBoot, connect_unix, file_stamp, kill_vmm
 from .machine import GUEST_DH_PORT
 from .qmp import Monitor, QMPCommandError
 from .qemu_machine import SNAPSHOT_FORMAT, Machine, free_port, qemu_version
@@ -113,8 +113,6 @@ class QemuColdBoot(ColdBoot):
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        kill_vmm(self.proc)
         destroy(self.rec)
 

@@ -15,7 +15,8 @@ from abc import ABC, abstractmethod
 from ..config import Layout
 from ..errors import AgentStartError
 from ..instances import InstanceRecord, destroy, new_instance
-from .base import RestoredInstance, new_key
+from . import checkpoint_store as store
+from .base import Backend, RestoredInstance, new_key
 
 
 class Restore(ABC):
@@ -113,3 +114,47 @@ class Restore(ABC):
         rec.save()
         return inst
 
+
+
+class SnapshotBackend(Backend):
+    """A backend whose VMs are restored from snapshots (the base one ``dhvm prepare`` made, or checkpoints):
+    what QEMU and Firecracker share. Each says how to load and check its own snapshot (``load_snapshot``,
+    ``check_checkpoint``) and which is its base (``base_snapshot``)."""
+
+    can_checkpoint = True
+
+    def __init__(self, layout: Layout, dh_version: str, heap: str | None, restore_timeout: float,
+                 snapshot: str | None):
+        self.layout = layout
+        self.dh_version = dh_version
+        self.start_from = snapshot
+        """A checkpoint's name: every VM starts from it instead of the base snapshot (``Dhvm.snapshot``)."""
+        # The heap (and RAM) are baked into the snapshot at prepare time; a different wish is only reported.
+        self.heap_requested = heap
+        self.restore_timeout = restore_timeout
+        self._snapshot = None
+
+    @abstractmethod
+    def load_snapshot(self, directory):
+        """This backend's snapshot value read from ``directory`` (BackendUnavailable if it is not one)."""
+
+    def check_checkpoint(self, snap) -> None:
+        """Refuse a checkpoint that cannot restore here (beyond the checks every snapshot gets)."""
+
+    def snapshot(self, checkpoint: str | None = None):
+        """What a VM starts from: the checkpoint ``checkpoint`` (or ``start_from``) or the base snapshot,
+        checked against the files it was taken with (and a checkpoint against the base it grew from)."""
+        base = self.base_snapshot()
+        name = checkpoint or self.start_from
+        if not name:
+            return base
+        snap = store.snapshot_of(self.layout, name, self.name, base.meta, self.dh_version, self.load_snapshot)
+        snap.check_inputs(self.layout.vm)
+        self.check_checkpoint(snap)
+        return snap
+
+    def described_snapshot(self):
+        return self._snapshot or self.snapshot()
+
+    def checkpoint_bytes(self, instance) -> int:
+        return instance.snapshot.machine.ram_mb * 2**20  # all of guest memory, at the most
