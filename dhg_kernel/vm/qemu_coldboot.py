@@ -1,7 +1,6 @@
 """The QEMU cold boot for ``dhvm prepare``: a VM booted from scratch, its RAM a shared file that becomes the
 snapshot's ``mem``."""
 
-
 from __future__ import annotations
 
 import os

@@ -1,7 +1,6 @@
 """The QEMU machine: the binary, and the command line that must be the same at the cold boot and at every
 restore (``Machine.argv``)."""
 
-
 from __future__ import annotations
 
 import shutil

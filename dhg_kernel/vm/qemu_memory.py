@@ -1,7 +1,6 @@
 """Copying a saving QEMU's RAM (a memfd) into a checkpoint's ``mem`` file: only the non-zero pages, the rest
 left as holes."""
 
-
 from __future__ import annotations
 
 import os

@@ -242,6 +242,8 @@ if "--version" in sys.argv:
     print("Firecracker v" + {version!r}); sys.exit(0)
 api = sys.argv[sys.argv.index("--api-sock") + 1]
 srv = T.SpecServer(Path({spec!r}), VERSION)
+srv.fail.update(T.json.loads(os.environ.get("FAKE_FIRECRACKER_FAIL", "{{}}")))  # path -> fault_message
+print("stand-in firecracker started", flush=True)  # the guest console, as a real one's boot lines
 def on_load(body):
     mem = open(body["mem_backend"]["backend_path"], "rb")  # read-only, as Firecracker maps it MAP_PRIVATE
     srv.mem = mem
@@ -259,7 +261,8 @@ while True:
 
 def stand_in(directory: Path, version: str, spec: Path) -> Path:
     """A ``firecracker`` executable that serves ``SpecServer`` (for ``spec``) on its --api-sock and, once a
-    snapshot is loaded, a hybrid-vsock peer whose port 52 is ``mini_agent`` and 10000 ``echo``."""
+    snapshot is loaded, a hybrid-vsock peer whose port 52 is ``mini_agent`` and 10000 ``echo``. The
+    environment variable FAKE_FIRECRACKER_FAIL (JSON: API path -> fault_message) makes those calls fail."""
     exe = directory / f"fc-{version}" / "firecracker"
     exe.parent.mkdir()
     root = Path(__file__).resolve().parents[2]

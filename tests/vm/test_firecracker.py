@@ -459,6 +459,27 @@ def test_clones_restore_at_once_each_with_its_own_vsock_and_never_write_the_snap
 
 
 @needs_spec
+def test_a_failed_restore_says_what_failed_shows_the_logs_and_leaves_no_instance(tmp_path, stand_in, monkeypatch):
+    """The restore skeleton's one error path (vm/restore.py), through Firecracker's hooks."""
+    from dhg_kernel.errors import AgentStartError
+    from dhg_kernel.instances import list_instances
+    from dhg_kernel.vm.firecracker import FirecrackerBackend
+
+    layout = Layout(tmp_path / "home")
+    snap_dir = _fake_snapshot(layout, "1.16.1")
+    monkeypatch.setenv("FAKE_FIRECRACKER_FAIL", json.dumps({"/snapshot/load": "Load snapshot error: Invalid data version"}))
+    backend = FirecrackerBackend(layout, firecracker=str(stand_in("1.16.1")))
+    with pytest.raises(AgentStartError) as e:
+        backend.start()
+    msg = str(e.value)
+    assert msg.startswith(f"Firecracker restore from {snap_dir} failed: ")
+    assert "PUT /snapshot/load" in msg and "Invalid data version" in msg
+    assert "--- guest console / firecracker.log ---" in msg and "stand-in firecracker started" in msg
+    assert msg.rstrip().endswith("If the snapshot is stale, run: dhvm prepare --backend firecracker --rebuild")
+    assert list_instances(layout) == [] and not any(layout.run.iterdir())
+
+
+@needs_spec
 def test_a_snapshot_from_another_firecracker_version_is_refused_with_the_fix(tmp_path, stand_in):
     from dhg_kernel.vm.base import BackendUnavailable
     from dhg_kernel.vm.firecracker import FirecrackerBackend

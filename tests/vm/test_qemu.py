@@ -382,3 +382,33 @@ def test_an_emulated_guest_is_told_the_host_tsc_rate_so_it_never_calibrates_agai
     assert "tsc_early_khz" not in Machine.kernel_cmdline("1g", accel="kvm")
     if host_tsc_khz():
         assert f"tsc_early_khz={host_tsc_khz()}" in Machine.kernel_cmdline("1g")
+
+
+def test_every_backend_answers_the_contract_describe_and_why_not(tmp_path, qemu_home):
+    """vm/base.py's contract, answered by each backend itself: describe's common fields come from base,
+    the backend's own beside them; why_not says what is missing and how to get it."""
+    import importlib.util
+
+    from dhg_kernel.vm.local import LocalBackend
+    from dhg_kernel.vm.qemu import QemuBackend
+
+    ready = QemuBackend(Layout(qemu_home), heap="7g")
+    assert ready.why_not() is None
+    d = ready.describe()
+    snap = ready.snapshot()
+    assert d["backend"] == "qemu" and d["isolation"] == "QEMU microvm" and d["snapshot"] == str(snap.dir)
+    assert (d["ram_mb"], d["heap"], d["accel"]) == (snap.machine.ram_mb, snap.machine.heap, snap.machine.accel)
+    assert d["note"] == f"heap 7g requested, but the snapshot's JVM has {snap.machine.heap}"
+
+    empty = QemuBackend(Layout(tmp_path), qemu=str(tmp_path / "no-qemu-here"))
+    assert "apt-get install qemu-system-x86" in empty.why_not()
+    assert "run: dhvm prepare" in QemuBackend(Layout(tmp_path)).why_not()
+    assert "run: dhvm prepare" in empty.describe()["snapshot_error"]
+
+    local = LocalBackend(Layout(tmp_path))
+    assert local.base_snapshot() is None and not local.can_checkpoint and not local.can_fork
+    assert local.describe() == {"backend": "local", "isolation": "none (a host process)", "python": local.python}
+    if importlib.util.find_spec("deephaven_server") is None:
+        assert "pip install 'dhg_kernel[local]'" in local.why_not()
+    else:
+        assert local.why_not() is None
