@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from abc import ABC, abstractmethod
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -310,6 +311,19 @@ def file_stamp(path: Path) -> list[int]:
     """Size and mtime of a file a snapshot depends on (cheap to check at every restore)."""
     st = path.stat()
     return [st.st_size, st.st_mtime_ns]
+
+
+def snapshot_meta(backend: str, fmt: int, machine, files: dict | None, sizes: dict, **extra) -> dict:
+    """The metadata every snapshot records, base or checkpoint, of every backend: whose it is, its format,
+    the machine it runs on (a dataclass), the input files' stamps (``file_stamp``), its sizes; ``extra``
+    holds the backend's own fields."""
+    return {"backend": backend, "format": fmt, "machine": asdict(machine), "files": files, "sizes": sizes, **extra}
+
+
+def mem_sizes(mem: Path) -> dict:
+    """A snapshot's memory file: its size, and what it takes on disk (holes are free)."""
+    st = mem.stat()
+    return {"mem_bytes": st.st_size, "mem_allocated_bytes": st.st_blocks * 512}
 
 
 def write_snapshot_metadata(directory: Path, data: dict) -> None:

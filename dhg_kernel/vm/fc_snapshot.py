@@ -4,17 +4,16 @@ the metadata every snapshot (base or checkpoint) records."""
 
 import datetime as _dt
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BackendUnavailable
-from .base import (SNAPSHOT_METADATA, check_snapshot_inputs, file_stamp, read_snapshot_metadata,
-                   require_snapshot_files)
+from .base import (SNAPSHOT_METADATA, check_snapshot_inputs, file_stamp, mem_sizes, read_snapshot_metadata,
+                   require_snapshot_files, snapshot_meta)
 from .fc_api import Version, parse_version, version_str
 from .fc_release import FirecrackerBinary
 from .fc_calls import (AGENT_VSOCK_PORT, GUEST_CID, MEM_NAME, ROOT_DRIVE_ID, SNAPSHOT_FORMAT, VMSTATE_NAME,
                        FcMachine)
-
 
 
 @dataclass(frozen=True)
@@ -76,20 +75,17 @@ def take_snapshot_files(root: Path, work: Path, names: dict[str, str], move=os.r
 
 def snapshot_sizes(directory: Path) -> dict:
     """What a snapshot's files take: the memory file's size and its blocks on disk, and the device state."""
-    mem = (directory / MEM_NAME).stat()
-    return {"mem_bytes": mem.st_size, "mem_allocated_bytes": mem.st_blocks * 512,
-            "vmstate_bytes": (directory / VMSTATE_NAME).stat().st_size}
+    return {**mem_sizes(directory / MEM_NAME), "vmstate_bytes": (directory / VMSTATE_NAME).stat().st_size}
 
 
 def new_snapshot_meta(fc: FirecrackerBinary, machine: FcMachine, vm_dir: Path, files: dict | None = None,
-                      **extra) -> dict:
+                      sizes: dict | None = None, **extra) -> dict:
     """The metadata every Firecracker snapshot records (version, machine, input stamps, when).
     ``files``: the input stamps; by default the root disk's now (a checkpoint keeps its base snapshot's,
     which every restore of it checks)."""
     if files is None:
         files = {machine.rootfs: file_stamp(vm_dir / machine.rootfs)}
-    return {"backend": "firecracker", "format": SNAPSHOT_FORMAT,
-            "firecracker_version": version_str(fc.version), "firecracker": str(fc.path),
-            "machine": asdict(machine), "files": files, "agent_vsock_port": AGENT_VSOCK_PORT, "guest_cid": GUEST_CID,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra}
-
+    return snapshot_meta("firecracker", SNAPSHOT_FORMAT, machine, files, sizes or {},
+                         firecracker_version=version_str(fc.version), firecracker=str(fc.path),
+                         agent_vsock_port=AGENT_VSOCK_PORT, guest_cid=GUEST_CID,
+                         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra)

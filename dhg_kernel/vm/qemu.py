@@ -20,7 +20,7 @@ import shlex
 import socket
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -30,10 +30,10 @@ from ..instances import destroy, new_instance
 from .base import (SNAPSHOT_METADATA, RestoredInstance, check_snapshot_inputs, connect_unix, file_tail,
                    read_snapshot_metadata, require_snapshot_files)
 from .host import kvm_usable
-from .machine import DEFAULT_HEAP, DEFAULT_RAM_MB, GUEST_DH_PORT
+from .machine import DEFAULT_HEAP, DEFAULT_RAM_MB
 from .qmp import Monitor, QMPCommandError
 from .restore import Restore, SnapshotBackend
-from .qemu_machine import (CHECKPOINT_BANDWIDTH, CHECKPOINT_TIMEOUT_S, QEMU_BINARY, RESTORE_TIMEOUT_S,
+from .qemu_machine import (qemu_snapshot_meta, CHECKPOINT_BANDWIDTH, CHECKPOINT_TIMEOUT_S, QEMU_BINARY, RESTORE_TIMEOUT_S,
                            SNAPSHOT_FORMAT, TCG_CPU, TCG_JVM_OPTS, Machine, free_port,
                            qemu_binary, qemu_version)
 from .qemu_memory import copy_sparse, _open_memfd
@@ -319,17 +319,10 @@ class QemuBackend(SnapshotBackend):
                 dest.kill()
                 dest.wait()
             destroy(rec)
-        mem = work / "mem"
-        return {
-            "backend": "qemu", "format": SNAPSHOT_FORMAT, "machine": asdict(snap.machine), "accel": snap.machine.accel,
-            "qemu_version": qemu_version(qemu), "guest_port": GUEST_DH_PORT, "dh_version": self.dh_version,
-            "files": snap.meta.get("files"), "agent": snap.meta.get("agent"),
-            "sizes": {"mem_bytes": mem.stat().st_size, "mem_allocated_bytes": mem.stat().st_blocks * 512,
-                      "state_bytes": (work / "state").stat().st_size},
-            "timings": {"save_s": round(time.perf_counter() - t0, 2), "paused_s": round(paused_s, 2),
-                        "write_s": round(write_s, 2),
-                        "migration_bytes": (mig.get("ram") or {}).get("transferred")},
-        }
+        return qemu_snapshot_meta(
+            qemu, snap.machine, snap.meta.get("files"), work, dh_version=self.dh_version, agent=snap.meta.get("agent"),
+            timings={"save_s": round(time.perf_counter() - t0, 2), "paused_s": round(paused_s, 2),
+                     "write_s": round(write_s, 2), "migration_bytes": (mig.get("ram") or {}).get("transferred")})
 
     isolation = "QEMU microvm"
 

@@ -8,7 +8,6 @@ import shlex
 import socket
 import subprocess
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -16,9 +15,8 @@ from ..client import AgentClient
 from ..config import Layout
 from ..instances import destroy, new_instance
 from .base import ColdBoot, connect_unix, file_stamp, kill_vmm
-from .machine import GUEST_DH_PORT
 from .qmp import Monitor, QMPCommandError
-from .qemu_machine import SNAPSHOT_FORMAT, Machine, free_port, qemu_version
+from .qemu_machine import qemu_snapshot_meta, Machine, free_port
 
 
 class QemuColdBoot(ColdBoot):
@@ -92,16 +90,13 @@ class QemuColdBoot(ColdBoot):
         with open(mem, "rb+") as fh:
             os.fsync(fh.fileno())  # the memory image must be on disk before it is declared done
         vm, m = self.layout.vm, self.machine
-        return {
-            "backend": "qemu", "format": SNAPSHOT_FORMAT, "machine": asdict(m), "accel": m.accel,
-            "qemu_version": qemu_version(self.qemu), "guest_port": GUEST_DH_PORT,
-            "files": {m.kernel: file_stamp(vm / m.kernel), m.rootfs: file_stamp(vm / m.rootfs),
-                      **({m.initrd: file_stamp(vm / m.initrd)} if m.initrd else {})},
-            "sizes": {"mem_bytes": mem.stat().st_size, "mem_allocated_bytes": mem.stat().st_blocks * 512,
-                      "state_bytes": state.stat().st_size, "rootfs_bytes": (vm / m.rootfs).stat().st_size,
-                      "rootfs_allocated_bytes": (vm / m.rootfs).stat().st_blocks * 512},
-            "timings": {"snapshot_s": round(save_s, 2), "migration_bytes": (mig.get("ram") or {}).get("transferred")},
-        }
+        files = {m.kernel: file_stamp(vm / m.kernel), m.rootfs: file_stamp(vm / m.rootfs),
+                 **({m.initrd: file_stamp(vm / m.initrd)} if m.initrd else {})}
+        return qemu_snapshot_meta(self.qemu, m, files, work,
+                                  {"rootfs_bytes": (vm / m.rootfs).stat().st_size,
+                                   "rootfs_allocated_bytes": (vm / m.rootfs).stat().st_blocks * 512},
+                                  timings={"snapshot_s": round(save_s, 2),
+                                           "migration_bytes": (mig.get("ram") or {}).get("transferred")})
 
     def summary(self, meta: dict) -> str:
         sizes = meta["sizes"]

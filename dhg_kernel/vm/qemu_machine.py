@@ -9,6 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from .base import mem_sizes, snapshot_meta
 from .machine import DEFAULT_HEAP, DEFAULT_RAM_MB, GUEST_DH_PORT, guest_cmdline, host_tsc_khz
 
 
@@ -113,3 +114,12 @@ def _qopt(path: Path | str) -> str:
     """A path inside a QEMU ``key=value,…`` option (commas are doubled)."""
     return str(path).replace(",", ",,")
 
+
+
+def qemu_snapshot_meta(qemu: str, machine: Machine, files: dict | None, work: Path, sizes: dict | None = None,
+                       **extra) -> dict:
+    """The metadata every QEMU snapshot records (base or checkpoint): the machine, the QEMU that made it, the
+    input stamps (a checkpoint keeps its base snapshot's), the sizes of ``work``'s ``mem`` and ``state``."""
+    return snapshot_meta("qemu", SNAPSHOT_FORMAT, machine, files,
+                         {**mem_sizes(work / "mem"), "state_bytes": (work / "state").stat().st_size, **(sizes or {})},
+                         accel=machine.accel, qemu_version=qemu_version(qemu), guest_port=GUEST_DH_PORT, **extra)
