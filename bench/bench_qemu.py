@@ -45,7 +45,7 @@ def restore_to_first_result(home: Path, code: str, runs: int) -> tuple[list[floa
         r = s.execute(code.replace("{i}", "0"))
         walls.append((time.perf_counter() - t0) * 1000)
         assert r.status == "ok", r.error
-        parts.append({**s.instance.timings, "hello_ms": s.last_start_ms, "cell_ms": r.timings.get("roundtrip_ms")})
+        parts.append({**s.instance.timings, "hello_ms": s.server.start_ms if s.server else None, "cell_ms": r.timings.get("roundtrip_ms")})
         s.stop()
     return walls, parts
 

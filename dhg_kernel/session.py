@@ -14,8 +14,9 @@ import time
 from typing import Callable, Sequence
 
 from . import checkpoint as cp
+from . import status as report
 from . import weblinks
-from .config import CLUSTER_HOST_ENV, DEFAULT_BACKEND, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_ROWS, Layout
+from .config import DEFAULT_BACKEND, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_ROWS, Layout
 from .errors import AgentDied, AgentUnresponsive, AnswerAbandoned, DhvmError, UsageError
 from .files import CellInput, PushFile, Pushed
 from .instances import reap_stale
@@ -95,10 +96,6 @@ class Session:
     @property
     def running(self) -> bool:
         return self.server is not None
-
-    @property
-    def last_start_ms(self) -> float | None:
-        return self.server.start_ms if self.server else None
 
     def _launch(self, checkpoint: str | None = None) -> Server:
         reap_stale(self.layout)
@@ -370,14 +367,6 @@ class Session:
         """Where the host reaches the session's Deephaven server (127.0.0.1 and a port), if running."""
         return weblinks.deephaven_address(self)
 
-    def deephaven_url(self) -> str | None:
-        """A one-time link to the web IDE of the running server (None: none running)."""
-        return weblinks.console_link(self)
-
-    def widget_url(self, name: str) -> str | None:
-        """A one-time link to the web UI's view of one widget (a Deephaven Figure) by its variable."""
-        return weblinks.widget_url(self, name)
-
     def ide_url(self, name: str | None = None) -> str:
         """A one-time link to the server's web UI (the console, or the table or figure ``name`` holds)."""
         return weblinks.ide_url(self, name)
@@ -387,67 +376,9 @@ class Session:
         return weblinks.pydeephaven_session(self, **kwargs)
 
     def summary(self) -> dict:
-        """One line of ``%dhvm sessions``: running, since when, memory, what it started from."""
-        srv = self.server
-        if srv is not None and srv.dead and self._lock.acquire(timeout=1):
-            try:
-                if srv is self.server:  # found dead: reaped now, told as dead, replaced by the next cell
-                    self._bury(srv)
-            finally:
-                self._lock.release()
-            srv = self.server
-        out: dict = {"backend": self.backend_name, "mode": self.mode, "running": self.running,
-                     "snapshot": self.start_from or "base"}
-        if srv is None and self.ended:
-            out["ended"] = self.ended
-        if srv is not None:
-            out["age_s"] = round(time.time() - srv.started, 1)
-            out["started_from"] = srv.checkpoint or "base"
-            try:
-                stats = self.stats() if srv.client.dead is None else {}
-            except DhvmError:
-                stats = {}
-            out["heap_used_mb"] = _mb(stats.get("heap_used"))
-            out["tables"] = stats.get("tables")
-            out["vm_rss_mb"] = _mb(_process_rss(getattr(srv.instance, "proc", None)))
-        return out
+        """One line of ``%dhvm sessions`` (``status.py``)."""
+        return report.summary(self)
 
     def status(self) -> dict:
-        """What ``%dhvm status`` shows: backend, instance, server, without starting anything."""
-        out = {"backend": self.backend_name, "mode": self.mode, "running": self.running,
-               "dhg_home": str(self.layout.home)}
-        cluster_host = os.environ.get(CLUSTER_HOST_ENV)
-        if cluster_host:
-            out["cluster_host"] = f"{cluster_host} (this kernel and its VMs run there)"
-        if self._pool is not None:
-            out["warm_pool"] = self._pool.describe()
-        if self.passed_over:
-            out["not_chosen"] = self.passed_over
-        try:
-            out.update(self.backend.describe())
-        except DhvmError as e:  # status must not fail on a broken backend
-            out["backend_error"] = str(e)
-        srv = self.server
-        if srv is not None:
-            out["instance"] = srv.instance.describe()
-            out["server"] = srv.info.get("server")
-            out.update(weblinks.status_fields(self, cluster_host))
-            out["deephaven_version"] = srv.info.get("deephaven_version")
-            out["files_pushed"] = len(srv.pushed)
-            out["started_from"] = f"checkpoint {srv.checkpoint}" if srv.checkpoint else "base snapshot"
-        return out
-
-
-def _mb(n) -> float | None:
-    return round(n / 2**20, 1) if isinstance(n, (int, float)) else None
-
-
-def _process_rss(proc) -> int | None:
-    """Resident bytes of a VMM process (its guest's memory in use, on this host)."""
-    try:
-        for line in open(f"/proc/{proc.pid}/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (AttributeError, OSError, ValueError):
-        return None
-    return None
+        """What ``%dhvm status`` shows, without starting anything (``status.py``)."""
+        return report.status(self)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 
 import pytest
+
+from dhg_kernel import weblinks
 from conftest import ARTIFACTS
 
 pytestmark = pytest.mark.slow
@@ -52,7 +54,7 @@ def test_the_web_ide_link_logs_in_once_and_nothing_else_does(browser, dhg_home):
     s = Session("local", dhg_home, heap="768m")
     try:
         s.start()
-        link = s.deephaven_url()
+        link = weblinks.console_link(s)
         assert "/dhvm/open/" in link and s.instance.key not in link
         text = _open(browser, link, "web-ide-with-link.png", "text=Command History")
         assert "Console" in text and "Login" not in text
@@ -76,7 +78,7 @@ def test_a_deephaven_figures_link_opens_the_chart(browser, dhg_home):
         link = r.value["text/plain"].split()[3]
         assert "/dhvm/open/" in link and link in r.value["text/html"]
         _open(browser, link, "deephaven-figure-link.png", ".js-plotly-plot")
-        bare = _real_url(s.widget_url("chart")).split("&psk=")[0]
+        bare = _real_url(weblinks.widget_url(s, "chart")).split("&psk=")[0]
         text = _open(browser, bare, "deephaven-figure-no-key.png", "#auth-psk-token-input")
         assert "Login" in text, "without the key the chart is not shown"
     finally:

@@ -22,7 +22,7 @@ LAYERS = [
     ("conversation", {"result", "client", "live"}),
     ("backends", {"vm", "vm.*"}),
     ("image build", {"prepare", "prepare.*"}),
-    ("sessions", {"session", "checkpoint", "weblinks"}),
+    ("sessions", {"server", "session", "checkpoint", "weblinks", "exits", "status"}),
     ("front ends", {"display", "magic", "kernel", "kernelspec", "cluster", "provisioner", "local_provisioner", "cli", "__main__", "__init__"}),
 ]
 
@@ -186,3 +186,71 @@ def test_python_m_dhg_kernel_is_the_dhvm_command():
 
     out = subprocess.run([sys.executable, "-m", "dhg_kernel", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "prepare" in out.stdout and "kernel" in out.stdout, out.stderr
+
+
+MAX_MODULE_LINES = 500
+
+
+def test_no_module_is_over_the_line_limit():
+    """A newcomer holds a module in their head: none of the host's or the guest's passes 500 lines."""
+    long = {str(p.relative_to(ROOT)): n for p in [*PACKAGE.rglob("*.py"), *GUEST.rglob("*.py")]
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"over {MAX_MODULE_LINES} lines: {long}"
+
+
+# The host's request layer: only these modules name a protocol operation (as the guest's handler table
+# in agent.py does on the other side).
+REQUEST_LAYER = {"server", "client", "protocol"}
+
+
+def _op_uses(tree: ast.AST) -> set[str]:
+    """Names of protocol operations (``P.OP_X``, ``protocol.OP_X``, ``OP_X``) a module's code uses."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("OP_"):
+            found.add(node.attr)
+        elif isinstance(node, ast.Name) and node.id.startswith("OP_"):
+            found.add(node.id)
+        elif isinstance(node, ast.alias) and node.name.startswith("OP_"):
+            found.add(node.name)
+    return found
+
+
+def test_only_the_request_layer_sends_requests():
+    outside = {name: sorted(ops) for name, path in MODULES.items()
+               if name not in REQUEST_LAYER and (ops := _op_uses(ast.parse(path.read_text())))}
+    assert not outside, f"protocol operations used outside server.py/client.py: {outside}"
+    assert _op_uses(ast.parse(MODULES["server"].read_text())), "server.py sends no request: is the checker blind?"
+
+
+def _probes(tree: ast.AST) -> list[str]:
+    """``getattr``/``hasattr`` calls on a name that holds a backend (``backend``, ``self.backend``…)."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr") \
+                and node.args:
+            target = ast.unparse(node.args[0])
+            if re.search(r"(^|\.)_?backend$", target):
+                out.append(ast.unparse(node))
+    return out
+
+
+def test_backends_are_used_through_their_declared_contract():
+    """vm/base.py's Backend declares what a backend can do (can_checkpoint, can_fork, fork, start_from,
+    snapshot, base_snapshot, why_not): nothing probes a backend for an attribute."""
+    probes = {name: found for name, path in MODULES.items() if (found := _probes(ast.parse(path.read_text())))}
+    assert not probes, probes
+    assert _probes(ast.parse("getattr(self.backend, 'fork', None)")), "the checker is blind"
+    from dhg_kernel.vm.base import Backend
+
+    for attr in ("can_checkpoint", "can_fork", "fork", "start_from", "snapshot", "base_snapshot", "why_not",
+                 "checkpoint", "no_checkpoints", "describe"):
+        assert hasattr(Backend, attr), f"vm/base.py's Backend does not declare {attr}"
+
+
+def test_the_session_only_runs_servers():
+    """Session keeps which server, mode and pool, lifecycle, replacing a lost server, running a cell, and
+    status: at most 350 lines (requests are server.py's, checkpoints checkpoint.py's, links weblinks.py's)."""
+    tree = ast.parse(MODULES["session"].read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Session"]
+    assert cls.end_lineno - cls.lineno + 1 <= 350, f"Session is {cls.end_lineno - cls.lineno + 1} lines"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from dhg_kernel import weblinks
 from dhg_kernel.config import Layout
 from dhg_kernel.instances import alive, list_instances
 
@@ -75,7 +76,7 @@ def _check_server_refuses_strangers(session) -> None:
     with session.pydeephaven_session() as dh:
         dh.run_script("from_pydeephaven = 42")
     assert session.execute("print(from_pydeephaven)").stdout == "42\n"
-    with urllib.request.urlopen(session.deephaven_url(), timeout=30) as resp:  # a one-time link to it
+    with urllib.request.urlopen(weblinks.console_link(session), timeout=30) as resp:  # a one-time link to it
         assert resp.url.endswith(f"/ide/?psk={key}")
     # The key is in no file of the instance and in no process's argv.
     for path in Path(session.instance.dir).rglob("*"):
