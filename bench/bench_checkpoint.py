@@ -100,7 +100,7 @@ def main() -> None:
               f"({statistics.median(from_ck) / statistics.median(base) - 1:+.0%} vs base)")
 
         # Four sessions from one checkpoint at once, each reading the whole table.
-        sessions = [Session(backend="qemu", config_dir=home, snapshot="bench") for _ in range(4)]
+        sessions = [Session(backend="qemu", config_dir=home, start_from="bench") for _ in range(4)]
         errors: list = []
 
         def run(sess):

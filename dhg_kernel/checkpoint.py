@@ -111,7 +111,7 @@ def set_start_from(session: "Session", name: str | None) -> None:
     with session._lock:
         if name:
             check_start_from(session, name)
-        session.backend_options["snapshot"] = name or None
+        session.backend_options["start_from"] = name or None
         if session._backend is not None:
             session._backend.start_from = name or None
         if session._pool is not None:  # warm VMs of the old start

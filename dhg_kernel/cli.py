@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from . import files as files_mod
-from .config import DEFAULT_MAX_PUSH_MB, DEFAULT_MAX_ROWS, DH_VERSION, Layout, default_backend
+from .config import DEFAULT_MAX_PUSH_MB, DEFAULT_MAX_ROWS, DH_VERSION, Layout, default_backend, default_start_from
 from .display import format_mapping, format_text, timing_line
 from .errors import DhvmError
 from .session import Session
@@ -29,18 +28,19 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-files", action="store_true", help="do not scan the code for files to push")
     p.add_argument("--max-push-mb", type=float, default=DEFAULT_MAX_PUSH_MB, help="push limit in MiB")
     p.add_argument("-v", "--verbose", action="store_true", help="print per-phase timings")
-    _add_snapshot(p)
+    _add_start_from(p)
 
 
-def _add_snapshot(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--snapshot", default=os.environ.get("DHG_SNAPSHOT") or None, metavar="CHECKPOINT",
+def _add_start_from(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--start-from", default=default_start_from() or None, metavar="CHECKPOINT",
                    help="start the server from this checkpoint (dhvm checkpoint list) instead of the base snapshot "
-                        "(default: $DHG_SNAPSHOT)")
+                        "(default: $DHG_START_FROM)")
+    p.add_argument("--snapshot", dest="start_from", help=argparse.SUPPRESS)  # the old name
 
 
 def _session(args) -> Session:
-    """The session of a command that runs code (its server starts from --snapshot, if given)."""
-    return Session(args.backend, args.config_dir, **({"snapshot": args.snapshot} if args.snapshot else {}))
+    """The session of a command that runs code (its server starts from --start-from, if given)."""
+    return Session(args.backend, args.config_dir, **({"start_from": args.start_from} if args.start_from else {}))
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -187,7 +187,7 @@ def cmd_checkpoint(args) -> int:
     d = ck.describe()
     print(f"checkpoint {ck.name}: {args.from_script} ran in {ran_s:.1f} s, saved in {d['save_s']} s, "
           f"{d['size_mb'] / 1024:.2f} GB on disk; tables: {', '.join(ck.tables) or 'none'}\n"
-          f"start from it: dhvm exec --snapshot {ck.name} ..., or %config Dhvm.snapshot = '{ck.name}'")
+          f"start from it: dhvm exec --start-from {ck.name} ..., or %config Dhvm.start_from = '{ck.name}'")
     return 0
 
 
@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_script", metavar="SCRIPT", help="create: the script to run first ('-': stdin)")
     p.add_argument("--overwrite", action="store_true", help="create: replace a checkpoint of that name")
     p.add_argument("--json", action="store_true", help="list, info: print JSON")
-    _add_snapshot(p)
+    _add_start_from(p)
     _add_common(p)
     p.set_defaults(func=cmd_checkpoint)
 

@@ -40,6 +40,11 @@ def default_mode() -> str:
     return os.environ.get("DHG_MODE") or DEFAULT_MODE
 
 
+def default_start_from() -> str:
+    """``$DHG_START_FROM`` (a checkpoint's name; ``$DHG_SNAPSHOT``, its old name, still works) or empty."""
+    return os.environ.get("DHG_START_FROM") or os.environ.get("DHG_SNAPSHOT") or ""
+
+
 def dhg_home(override: str | os.PathLike | None = None) -> Path:
     """``--config-dir`` wins, then ``$DHG_HOME``, then ``~/.dhg``."""
     if override:

@@ -144,7 +144,7 @@ class DhvmKernel(IPythonKernel):
             return None
         words = head.split("\n", 1)[0].split()
         name = next((words[i + 1] for i, w in enumerate(words[:-1]) if w in ("-s", "--session")), None)
-        session = self.dhvm.existing_session(name)
+        session = self.dhvm.sessions.existing(name)
         return (session, code[offset:], offset) if session is not None else None
 
     def do_complete(self, code, cursor_pos):

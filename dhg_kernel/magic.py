@@ -6,35 +6,30 @@ defaults from traitlets (so ``%config Dhvm.max_rows = 500`` and IPython profiles
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import sys
 import time
-import urllib.parse
 from pathlib import Path
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Enum, Float, Integer, List, TraitError, Unicode, observe, validate
 
+from . import commands
 from . import files as files_mod
 from .config import (DATA_EXTENSIONS, DEFAULT_DTYPE_BACKEND, DEFAULT_MAX_PUSH_MB, DEFAULT_MAX_ROWS,
-                     DEFAULT_TIMEOUT_S, default_backend, default_mode)
-from .display import format_mapping, live_view, show_display, show_in_ipython
+                     DEFAULT_TIMEOUT_S, default_backend, default_mode, default_start_from)
+from .display import live_view, show_display, show_in_ipython
 from .errors import UsageError
 from .live import DEFAULT_LIVE_RATE, DEFAULT_LIVE_ROWS
+from .registry import MAIN, Sessions
 from .result import CellResult, DisplayOutput, RemoteValue, TableResult
 from .session import Session
 from .tables import DTYPE_BACKENDS
 from . import weblinks
 from .protocol import DEFAULT_WEB_TIME_ZONE
 
-# Pixels of an embedded table or figure view (%dhvm ide NAME).
-IDE_FRAME_HEIGHT = 420
-LINE_COMMANDS = ("status", "tables", "stats", "fetch", "show", "live", "ide", "reset", "stop", "checkpoint",
-                 "checkpoints", "restore", "sessions", "fork")
-MAIN_SESSION = "main"
 
 
 @magics_class
@@ -64,9 +59,10 @@ class Dhvm(Magics):
                       "are coalesced.").tag(config=True)
     network = Bool(False, help="Firecracker: give guests outbound network access (the snapshot must have been "
                    "prepared with --network). Off by default: a VM has no network.").tag(config=True)
-    snapshot = Unicode(os.environ.get("DHG_SNAPSHOT", ""), help="A checkpoint (dhvm checkpoint list) that every new "
-                       "server starts from, per-cell and warm-pool VMs too; empty: the base snapshot. "
-                       "Default: $DHG_SNAPSHOT.").tag(config=True)
+    start_from = Unicode(default_start_from(), help="A checkpoint (dhvm checkpoint list) that every new server "
+                         "starts from, per-cell and warm-pool VMs too; empty: the base snapshot. "
+                         "Default: $DHG_START_FROM.").tag(config=True)
+    snapshot = Unicode("", help="Deprecated name of Dhvm.start_from.").tag(config=True)
     memory_headroom_mb = Integer(None, allow_none=True, help="MiB a new server needs free beyond what its snapshot "
                                  "holds in memory, or it is refused (default: $DHG_MEMORY_HEADROOM_MB or 384).").tag(config=True)
 
@@ -85,65 +81,56 @@ class Dhvm(Magics):
     def _web_time_zone_changed(self, change) -> None:
         weblinks.set_web_time_zone(change["new"])  # the servers get it with their next link
 
-    @validate("snapshot")
-    def _check_snapshot(self, proposal) -> str:
+    @validate("start_from")
+    def _check_start_from(self, proposal) -> str:
         """A checkpoint that new servers cannot start from is refused before it is set (the old value stays)."""
         from .errors import DhvmError
 
         name = proposal["value"]
         if name:
             try:
-                (self._sessions.get(MAIN_SESSION) or self._new_session(snapshot=None)).check_snapshot(name)
+                (self.sessions.get(MAIN) or self._new_session(start_from=None)).check_start_from(name)
             except DhvmError as e:
                 raise TraitError(str(e)) from None
         return name
 
-    @observe("mode", "pool_size", "snapshot", "memory_headroom_mb")
+    @observe("snapshot")
+    def _snapshot_set(self, change) -> None:
+        """The old name: set, it sets start_from (and is checked there)."""
+        print(f"dhvm: Dhvm.snapshot is the old name of Dhvm.start_from: %config Dhvm.start_from = {change['new']!r}",
+              file=sys.stderr)
+        self.start_from = change["new"]
+
+    @observe("mode", "pool_size", "start_from", "memory_headroom_mb")
     def _mode_changed(self, change) -> None:
-        for session in self._sessions.values():
+        for session in self.sessions.values():
             if change["name"] == "memory_headroom_mb":
                 session.memory_headroom_mb = change["new"]
             elif change["name"] == "mode":
                 session.set_mode(change["new"])
-            elif change["name"] == "snapshot":
-                session.set_snapshot(change["new"] or None)
+            elif change["name"] == "start_from":
+                session.set_start_from(change["new"] or None)
             else:
                 session.set_pool_size(change["new"])
 
     def __init__(self, shell=None, **kwargs):
+        # Made before traitlets' config is applied: a configured start_from is checked against a session.
+        self.sessions = Sessions(self._new_session)
+        """The notebook's sessions by name: ``main`` (cells without -s) and the named ones (``-s NAME``, forks);
+        the kernel finds them here too."""
         super().__init__(shell=shell, **kwargs)
-        self._sessions: dict[str, Session] = {}
-        """The notebook's sessions by name: ``main`` (cells without -s) and the named ones (``-s NAME``, forks)."""
-        self._active = MAIN_SESSION
 
     # -- the session ---------------------------------------------------------------------------
 
     @property
-    def _session(self) -> Session | None:
-        """The main session, if made yet."""
-        return self._sessions.get(MAIN_SESSION)
-
-    @property
     def session(self) -> Session:
         """The session the running command or cell is for (``-s NAME``; else ``main``), made on first use."""
-        return self._named(self._active)
-
-    def _named(self, name: str) -> Session:
-        if name not in self._sessions:
-            self._sessions[name] = self._new_session()
-        return self._sessions[name]
-
-    def existing_session(self, name: str | None) -> Session | None:
-        """The session called ``name`` (None: main, made on first use), or None if there is no such one."""
-        if name in (None, MAIN_SESSION):
-            return self._named(MAIN_SESSION)
-        return self._sessions.get(name)
+        return self.sessions.current
 
     def _new_session(self, **overrides) -> Session:
         # Only what the user set: an unset heap must not make status report a mismatch nobody asked for.
-        snapshot = self.snapshot
         options = {**({"heap": self.heap} if self.heap else {}), **({"network": True} if self.network else {}),
-                   **({"snapshot": snapshot} if snapshot else {})}
+                   **({"start_from": self.start_from} if self.start_from else {})}
         session = Session(self.backend, self.config_dir or None, mode=self.mode, pool_size=self.pool_size,
                           **{**options, **overrides})
         session.memory_headroom_mb = self.memory_headroom_mb
@@ -151,9 +138,7 @@ class Dhvm(Magics):
 
     def close(self) -> None:
         """Destroy every session's VM."""
-        sessions, self._sessions = list(self._sessions.values()), {}
-        for session in sessions:
-            session.stop()
+        self.sessions.close()
 
     # -- the magic -----------------------------------------------------------------------------
 
@@ -202,190 +187,28 @@ class Dhvm(Magics):
             if words[:1] in (["-s"], ["--session"]):
                 if len(words) < 3:
                     raise UsageError("usage: %dhvm -s SESSION COMMAND (e.g. %dhvm -s b tables)")
-                name = words[1]
-                if name != MAIN_SESSION and name not in self._sessions:
-                    # A line command asks about a session; only a cell (%%dhvm -s NAME) makes one.
-                    known = ", ".join(self._sessions) or "none yet"
-                    raise UsageError(f"no session named {name!r} in this notebook (sessions: {known}). A cell makes "
-                                     f"one: %%dhvm -s {name}, and %dhvm fork {name} makes one from this session")
-                return self._in_session(name, lambda: self.dhvm(line.split(None, 2)[2]))
-            if words and words[0] in LINE_COMMANDS:
+                self.sessions.require(words[1])
+                with self.sessions.using(words[1]):
+                    return self.dhvm(line.split(None, 2)[2])
+            if words and words[0] in commands.COMMANDS:
                 try:
                     words = shlex.split(line)  # a quoted path may hold spaces: --to "my data.parquet"
                 except ValueError as e:
                     raise UsageError(f"%dhvm {words[0]}: {e} (close the quote)") from None
-                return self._line_command(words)
+                return commands.run(self, words)
             if not line.strip():
-                return self._line_command(["status"])
+                return commands.run(self, ["status"])
             return self._run(line, parse_argstring(self.dhvm, ""))
         args = parse_argstring(self.dhvm, line)
         if args.session:
-            return self._in_session(args.session, lambda: self._run(cell, args))
+            with self.sessions.using(args.session):
+                return self._run(cell, args)
         return self._run(cell, args)
-
-    def _in_session(self, name: str, work):
-        """Run ``work`` with the named session as ``session`` (made on first use)."""
-        from .vm.checkpoint_store import check_name
-
-        if name != MAIN_SESSION:
-            check_name(name, "session")  # a session name follows the rules of checkpoint names
-        outer, self._active = self._active, name
-        try:
-            return work()
-        finally:
-            self._active = outer
-
-    def _line_command(self, words: list[str]):
-        """A ``%dhvm`` subcommand. Errors are DhvmErrors, which IPython shows as their message alone."""
-        cmd, rest = words[0], words[1:]
-        if cmd == "status":
-            st = self.session.status()
-            print(format_mapping(st))
-            return None
-        if cmd == "tables":
-            import pandas as pd
-
-            rows = [{"name": t["name"], "rows": t["rows"], "columns": len(t["columns"]),
-                     "refreshing": t["refreshing"]} for t in self.session.tables()]
-            return pd.DataFrame(rows, columns=["name", "rows", "columns", "refreshing"])
-        if cmd == "stats":
-            print(format_mapping(self.session.stats()))
-            return None
-        if cmd == "fetch":
-            return self._fetch(rest)
-        if cmd == "show":
-            return self._show_live(rest)
-        if cmd == "live":
-            if rest[:1] == ["stop"] and len(rest) <= 2:
-                n = self.session.stop_live(rest[1] if len(rest) == 2 else None, reason="stopped by %dhvm live stop")
-                print(f"dhvm: {n} live view{'s' if n != 1 else ''} stopped.")
-                return None
-            if rest:
-                raise UsageError("usage: %dhvm live (list the live views) | %dhvm live stop [NAME]")
-            import pandas as pd
-
-            rows = [{"table": f.name, "updates": f.updates,
-                     "rows": f.last.table.rows if f.last and f.last.table else None,
-                     "last update": f.last.updated if f.last else None} for f in self.session.live_views()]
-            return pd.DataFrame(rows, columns=["table", "updates", "rows", "last update"])
-        if cmd == "ide":
-            if len(rest) > 1:
-                raise UsageError("usage: %dhvm ide [NAME] (a table or figure; no name: the console)")
-            return self._show_ide(rest[0] if rest else None)
-        if cmd == "reset":
-            self.session.reset()
-            print("dhvm: the server was discarded; the next cell starts a fresh one.")
-            return None
-        if cmd == "stop":
-            session = self._sessions.pop(self._active, None)
-            if session is not None:
-                session.stop()
-            print("dhvm: stopped." if self._active == MAIN_SESSION else f"dhvm: session {self._active} stopped.")
-            return None
-        if cmd in ("checkpoint", "checkpoints", "restore", "sessions", "fork"):
-            return self._checkpoint_command(cmd, rest)
-        raise UsageError(f"unknown command {cmd!r}; choose one of: {', '.join(LINE_COMMANDS)}")
-
-    def _checkpoint_command(self, cmd: str, rest: list[str]):
-        """checkpoint NAME [--overwrite] | checkpoints | restore NAME | sessions | fork NEW."""
-        import pandas as pd
-
-        from .vm import checkpoint_store as store
-
-        here = f" (session {self._active})" if self._active != MAIN_SESSION else ""
-        if cmd == "checkpoint":
-            if len(rest) not in (1, 2) or (len(rest) == 2 and rest[1] != "--overwrite"):
-                raise UsageError("usage: %dhvm checkpoint NAME [--overwrite]")
-            t0 = time.perf_counter()
-            ck = self.session.checkpoint(rest[0], overwrite=len(rest) == 2)
-            d = ck.describe()
-            print(f"dhvm: checkpoint {ck.name} saved{here} in {time.perf_counter() - t0:.1f} s: "
-                  f"{d['size_mb'] / 1024:.2f} GiB on disk, tables: {', '.join(ck.tables) or 'none'}. The session runs on.\n"
-                  f"  Start from it: %dhvm restore {ck.name} (this session), %dhvm fork NEW (a second one), or "
-                  f"%config Dhvm.snapshot = '{ck.name}' (every new server)")
-            return None
-        if cmd == "checkpoints":
-            if rest:
-                raise UsageError("usage: %dhvm checkpoints")
-            rows = [c.describe() for c in store.list_all(self.session.layout)]
-            cols = ["name", "status", "created", "tables", "size_mb", "backend", "deephaven", "base_snapshot"]
-            return pd.DataFrame([{k: r[k] for k in cols} for r in rows], columns=cols)
-        if cmd == "restore":
-            if len(rest) != 1:
-                raise UsageError("usage: %dhvm restore NAME (a checkpoint: %dhvm checkpoints lists them)")
-            t0 = time.perf_counter()
-            self.session.restore(rest[0])
-            print(f"dhvm: this session{here} now runs a server restored from checkpoint {rest[0]} "
-                  f"(in {time.perf_counter() - t0:.2f} s); its earlier server was discarded.")
-            return None
-        if cmd == "sessions":
-            if rest:
-                raise UsageError("usage: %dhvm sessions")
-            rows = [{"session": name, **s.summary()} for name, s in self._sessions.items()]
-            cols = ["session", "running", "age_s", "heap_used_mb", "vm_rss_mb", "tables", "started_from", "backend", "mode",
-                    "ended"]
-            return pd.DataFrame([{k: r.get(k) for k in cols} for r in rows], columns=cols).astype({"tables": "Int64"})
-        # fork NEW
-        if len(rest) != 1:
-            raise UsageError("usage: %dhvm fork NEW (then run cells in it with %%dhvm -s NEW)")
-        new = rest[0]
-        store.check_name(new, "session")
-        if new in self._sessions and self._sessions[new].running:
-            raise UsageError(f"a session named {new!r} is already running; stop it first (%dhvm -s {new} stop) "
-                             f"or pick another name")
-        t0 = time.perf_counter()
-        child = self.session.fork(origin=f"fork of {self._active}")
-        old = self._sessions.pop(new, None)
-        if old is not None:
-            old.stop()
-        self._sessions[new] = child
-        print(f"dhvm: session {new} forked from {self._active} in {time.perf_counter() - t0:.1f} s; both run on. "
-              f"Run cells in it with %%dhvm -s {new}")
-        return None
-
-    def _fetch(self, words: list[str]):
-        """``%dhvm fetch NAME``: its first max_rows rows as a DataFrame. With ``--to FILE [--force] [--format F]
-        [-q]``: the whole table streamed into a local parquet, CSV or Arrow file; returns what was written."""
-        from .tablefiles import FORMAT_NAMES
-
-        usage = "usage: %dhvm fetch NAME [--to FILE.parquet|.csv|.arrow [--force] [--format F] [-q]]"
-        ap = _Parser(prog="%dhvm fetch", add_help=False)
-        ap.add_argument("name")
-        ap.add_argument("--to", metavar="FILE")
-        ap.add_argument("--format", choices=FORMAT_NAMES)
-        ap.add_argument("--force", action="store_true")
-        ap.add_argument("-q", "--quiet", action="store_true")
-        try:
-            a = ap.parse_args(words)
-        except argparse.ArgumentError as e:
-            raise UsageError(f"{e}; {usage}") from None
-        if a.to is None:
-            if a.format or a.force or a.quiet:
-                raise UsageError(f"--format, --force and -q go with --to FILE; {usage}")
-            return self.session.fetch(a.name, self.max_rows, self.dtype_backend).df
-        return self.session.fetch_to(a.name, a.to, a.format, a.force, progress=False if a.quiet else None)
-
-    def _show_live(self, words: list[str]) -> None:
-        """``%dhvm show NAME [-n N] [--head] [--rate R]``: a live view of a table in the session."""
-        ap = _Parser(prog="%dhvm show", add_help=False)
-        ap.add_argument("name")
-        ap.add_argument("-n", "--rows", type=int, default=self.live_rows)
-        ap.add_argument("--head", action="store_true")
-        ap.add_argument("--rate", type=float, default=self.live_rate)
-        try:
-            a = ap.parse_args(words)
-        except argparse.ArgumentError as e:
-            raise UsageError(f"{e}; usage: %dhvm show NAME [-n ROWS] [--head] [--rate UPDATES_PER_S]") from None
-        first = self.session.fetch(a.name, a.rows, self.dtype_backend)
-        if not self._start_live(first, rows=a.rows, head=a.head, rate=a.rate):
-            from .display import show_table
-
-            show_table(first)
 
     def _live_for(self, t: TableResult | DisplayOutput) -> bool:
         """Show ticking table ``t`` (a cell's result), or a ticking figure's display, as a live view, if
         live views are on."""
-        session = self._sessions.get(self._active)
+        session = self.sessions.get(self.sessions.active)
         if not self.live or session is None or session.mode != "per-session":
             return False
         if isinstance(t, TableResult) and not t.refreshing:
@@ -400,27 +223,6 @@ class Dhvm(Magics):
         self.session.watch(view.watch, view.update, view.end, rows=rows, head=head, rate=view.rate,
                            dtype_backend=self.dtype_backend)
         return True
-
-    def _show_ide(self, name: str | None) -> None:
-        """A one-time link to the server's web UI (and, for a table or figure, the view itself, embedded).
-        Links carry no key (weblinks.py): the iframe and the link each get their own, as each opens once."""
-        import html
-
-        from IPython.display import display
-
-        from .weblinks import LINK_TTL_S
-
-        url = self.session.ide_url(name)
-        what = f"{name} in Deephaven's web UI" if name else "Deephaven's web UI (console)"
-        once = (f"the link opens once, within {LINK_TTL_S / 60:.0f} min, for your user only; "
-                f"{'%dhvm ide ' + name if name else '%dhvm ide'} makes a new one")
-        link = f'<a href="{html.escape(url)}" target="_blank" rel="noopener">Open {html.escape(what)}</a>'
-        frame = f'<iframe src="{html.escape(self.session.ide_url(name))}" width="100%" height="{IDE_FRAME_HEIGHT}" ' \
-                f'style="border:1px solid #ccc"></iframe>' if name else ""
-        note = _remote_browser_note(url, name, self.session.deephaven_address())
-        display({"text/plain": f"{what}: {url}\n({once})" + (f"\n{note}" if note else ""),
-                 "text/html": link + f" <small>({html.escape(once)})</small>" + (f"<br>{frame}" if frame else "")
-                 + (f"<p style='color:#a15c00'>{html.escape(note)}</p>" if note else "")}, raw=True)
 
     def _run(self, code: str, args):
         workspace = Path(os.getcwd())
@@ -501,28 +303,6 @@ class Dhvm(Magics):
                 raise UsageError(f"-o {local}: there is no Deephaven table named {remote!r} in the session "
                                      f"(the cell returned: {', '.join(t.name for t in result.tables) or 'none'})")
             self.shell.user_ns[local] = table.df
-
-
-def _remote_browser_note(url: str, name: str | None, server: tuple[str, int] | None) -> str | None:
-    """Under JupyterHub the browser is usually on another machine and cannot reach this host's
-    127.0.0.1: say how to get there (the link broker's port and the server's). (Deephaven's web UI does
-    not work through jupyter-server-proxy: its pages load under /proxy/PORT/, but its API calls go to
-    the server's root; see the README.)"""
-    if not os.environ.get("JUPYTERHUB_SERVICE_PREFIX"):
-        return None
-    from .weblinks import tunnel_args
-
-    port = server[1] if server else urllib.parse.urlsplit(url).port
-    return (f"This notebook runs under JupyterHub, so your browser may not reach this machine's 127.0.0.1. "
-            f"Tunnel the ports first (ssh {tunnel_args(port)} THIS_HOST), or watch the table here with "
-            f"a live view: %dhvm show {name or 'NAME'}")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse for a line command: an error is raised (and becomes a UsageError), never an exit."""
-
-    def error(self, message):
-        raise argparse.ArgumentError(None, message)
 
 
 def _name_pair(flag: str, spec: str, other: str, check_remote: bool = True) -> tuple[str, str]:

@@ -41,6 +41,8 @@ class Session:
                  mode: str = "per-session", pool_size: int = 1, **backend_options):
         if mode not in MODES:
             raise UsageError(f"unknown mode {mode!r}; choose per-session or per-cell")
+        if "snapshot" in backend_options:  # backends ignore options they do not know: say it, never drop it
+            raise TypeError("Session(snapshot=NAME) is now Session(start_from=NAME)")
         self.layout = Layout.resolve(config_dir)
         self.backend_name = backend
         self.backend_options = backend_options
@@ -111,7 +113,7 @@ class Session:
     def sibling(self) -> "Session":
         """A new session of the same backend and settings (no server yet)."""
         child = Session(self.backend_name, self.layout.home, mode="per-session",
-                        **{**self.backend_options, "snapshot": self.start_from})
+                        **{**self.backend_options, "start_from": self.start_from})
         child.memory_headroom_mb = self.memory_headroom_mb
         return child
 
@@ -221,7 +223,7 @@ class Session:
     @property
     def start_from(self) -> str | None:
         """The checkpoint every new server of this session starts from (None: the base snapshot)."""
-        return self.backend_options.get("snapshot") or None
+        return self.backend_options.get("start_from") or None
 
     def check_start_from(self, name: str) -> None:
         """Refuse (saying why and what to do) a checkpoint this session's servers could not start from."""
@@ -230,11 +232,6 @@ class Session:
     def set_start_from(self, name: str | None) -> None:
         """Start every new server (and warm-pool VM) from checkpoint ``name`` (None: the base snapshot)."""
         cp.set_start_from(self, name)
-
-    # (the names before start_from)
-    snapshot = start_from
-    check_snapshot = check_start_from
-    set_snapshot = set_start_from
 
     def checkpoint(self, name: str, overwrite: bool = False, temporary: bool = False):
         """Save the session's server as checkpoint ``name``; it runs on. Returns the Checkpoint."""

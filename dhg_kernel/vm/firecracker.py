@@ -100,8 +100,8 @@ class FirecrackerBackend(SnapshotBackend):
     def __init__(self, layout: Layout, dh_version: str = DH_VERSION, firecracker: str | None = None,
                  jailer: str | None = None, jailer_uid: int | None = None, jailer_gid: int | None = None,
                  network: bool = False, netns_parent: str | None = None,
-                 restore_timeout: float = RESTORE_TIMEOUT_S, heap: str | None = None, snapshot: str | None = None, **_ignored):
-        super().__init__(layout, dh_version, heap, restore_timeout, snapshot)
+                 restore_timeout: float = RESTORE_TIMEOUT_S, heap: str | None = None, start_from: str | None = None, **_ignored):
+        super().__init__(layout, dh_version, heap, restore_timeout, start_from)
         self.firecracker = firecracker
         self.jailer, self.jailer_uid, self.jailer_gid = jailer, jailer_uid, jailer_gid
         self.network, self.netns_parent = network, netns_parent

@@ -58,8 +58,8 @@ class LocalBackend(Backend):
                 "dhvm prepare once first)")
 
     def __init__(self, layout: Layout, python: str | None = None, heap: str = "2g",
-                 start_timeout: float = AGENT_START_TIMEOUT_S, snapshot: str | None = None, **_ignored):
-        self.start_from = snapshot  # a checkpoint's name: refused at start (see no_checkpoints)
+                 start_timeout: float = AGENT_START_TIMEOUT_S, start_from: str | None = None, **_ignored):
+        self.start_from = start_from  # a checkpoint's name: refused at start (see no_checkpoints)
         self.layout = layout
         self.python = python or sys.executable
         self.heap = heap

@@ -199,9 +199,9 @@ class QemuBackend(SnapshotBackend):
     name = "qemu"
 
     def __init__(self, layout: Layout, dh_version: str = DH_VERSION, accel: str = "auto", qemu: str | None = None,
-                 heap: str | None = None, restore_timeout: float = RESTORE_TIMEOUT_S, snapshot: str | None = None,
+                 heap: str | None = None, restore_timeout: float = RESTORE_TIMEOUT_S, start_from: str | None = None,
                  **_ignored):
-        super().__init__(layout, dh_version, heap, restore_timeout, snapshot)
+        super().__init__(layout, dh_version, heap, restore_timeout, start_from)
         self.accel = accel
         self.qemu = qemu
 

@@ -14,7 +14,8 @@ from .machine import DEFAULT_HEAP, DEFAULT_RAM_MB, GUEST_DH_PORT, guest_cmdline,
 
 
 QEMU_BINARY = "qemu-system-x86_64"
-# The JVM dies under TCG with -cpu max (SIGILL) and multi-threaded TCG (SIGSEGV): see DESIGN.md.
+# The JVM dies under TCG with -cpu max (SIGILL) and multi-threaded TCG (SIGSEGV):
+# see docs/design-facts.md, "The JVM under TCG".
 TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16"
 TCG_ACCEL = "tcg,thread=single"
 # Under TCG, C2 compiles cost more than they win: C1 only halves the cold boot (129 s -> 65 s) and

@@ -124,11 +124,11 @@ class SnapshotBackend(Backend):
     can_checkpoint = True
 
     def __init__(self, layout: Layout, dh_version: str, heap: str | None, restore_timeout: float,
-                 snapshot: str | None):
+                 start_from: str | None):
         self.layout = layout
         self.dh_version = dh_version
-        self.start_from = snapshot
-        """A checkpoint's name: every VM starts from it instead of the base snapshot (``Dhvm.snapshot``)."""
+        self.start_from = start_from
+        """A checkpoint's name: every VM starts from it instead of the base snapshot (``Dhvm.start_from``)."""
         # The heap (and RAM) are baked into the snapshot at prepare time; a different wish is only reported.
         self.heap_requested = heap
         self.restore_timeout = restore_timeout

@@ -66,12 +66,12 @@ class FakeBackend(Backend):
     can_fork = False
 
     def __init__(self, layout, delay: float = 0.0, hello_delay: float = 0.0, start_timeout: float = 10.0,
-                 snapshot: str | None = None, **_ignored):
+                 start_from: str | None = None, **_ignored):
         self.layout = layout
         self.delay = delay
         self.hello_delay = hello_delay
         self.start_timeout = start_timeout
-        self.start_from = snapshot
+        self.start_from = start_from
         self.started: list[FakeInstance] = []
         """Every instance this backend started, in order (for tests to count them)."""
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from dhg_kernel import protocol as P
 
-# Facts from Firecracker's changelog (DESIGN.md): SnapshotLoadParams fields and the release that added them.
+# Facts from Firecracker's changelog (docs/design-facts.md, "Firecracker's snapshot API and its version
+# gates"): SnapshotLoadParams fields and the release that added them.
 LOAD_FIELD_SINCE = {"network_overrides": (1, 12), "track_dirty_pages": (1, 13), "vsock_override": (1, 16),
                     "clock_realtime": (1, 16)}
 

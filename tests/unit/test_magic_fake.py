@@ -98,10 +98,29 @@ def test_an_agent_dying_mid_cell_is_an_error_of_that_cell(shell):
     assert cell(shell, "'again'").data["text/plain"] == "'again'"
 
 
-def test_help_lists_the_commands(shell):
+def test_help_lists_the_commands(shell, capsys):
+    from dhg_kernel.commands import COMMANDS
+
     doc = shell.find_line_magic("dhvm").__doc__
     for command in ("status", "stop", "reset", "sessions"):
         assert command in doc
+    shell.run_line_magic("dhvm", "help")
+    listed = capsys.readouterr().out
+    for name, command in COMMANDS.items():  # every command of the table, with its usage line
+        assert f"%dhvm {name:<12} {command.usage}" in listed
+    with pytest.raises(UsageError, match="usage: %dhvm status"):
+        shell.run_line_magic("dhvm", "status now")
+
+
+def test_a_named_session_is_the_same_for_the_magic_and_the_kernel(shell):
+    """The kernel answers Tab in a %%dhvm -s b cell from the registry the magic runs cells in."""
+    magics = shell.magics_manager.registry["Dhvm"]
+    cell(shell, "x = 1", "-s b")
+    assert magics.sessions.existing("b") is magics.sessions.get("b") is not None
+    assert magics.sessions.existing("nope") is None
+    assert magics.sessions.existing(None) is magics.sessions.get("main")
+    shell.run_line_magic("dhvm", "-s b stop")
+    assert "b" not in magics.sessions
 
 
 def test_bad_options_are_usage_errors(shell):
@@ -115,12 +134,18 @@ def test_bad_options_are_usage_errors(shell):
         shell.run_line_magic("dhvm", "live stop a b")
     with pytest.raises(UsageError, match="usage: %dhvm sessions"):
         shell.run_line_magic("dhvm", "sessions extra")
+    with pytest.raises(UsageError, match=r"unrecognized arguments: --bogus; usage: %dhvm fetch NAME"):
+        shell.run_line_magic("dhvm", "fetch t --bogus")
+    with pytest.raises(UsageError, match=r"--format, --force and -q go with --to FILE"):
+        shell.run_line_magic("dhvm", "fetch t --force")
+    with pytest.raises(UsageError, match=r"usage: %dhvm show NAME"):
+        shell.run_line_magic("dhvm", "show")
 
 
 def test_an_unknown_session_or_command_is_a_clear_error(shell):
     with pytest.raises(UsageError, match="no session named 'nope'.*%%dhvm -s nope"):
         shell.run_line_magic("dhvm", "-s nope tables")
-    with pytest.raises(Exception, match="frobnicate"):  # not a command: it says which name it did not know
+    with pytest.raises(Exception, match="frobnicate"):  # not a command: run as code, which names it
         shell.run_line_magic("dhvm", "frobnicate")
 
 

@@ -1,6 +1,6 @@
 """A guest that this machine's KVM can run: a few dozen 32-bit instructions, booted by PVH.
 
-This host's /dev/kvm creates VMs, but a Linux guest cannot run on it (DESIGN.md). So the tests and
+This host's /dev/kvm creates VMs, but a Linux guest cannot run on it (docs/design-facts.md). So the tests and
 the bench that drive a real Firecracker boot this instead, assembled here with binutils (``as``,
 ``ld``) at test time. It is an ELF with the PVH entry note (name "Xen", type 18 = PHYS32_ENTRY), so
 Firecracker ≥ 1.12 enters it in 32-bit protected mode with paging off. It:

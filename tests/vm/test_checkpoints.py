@@ -231,16 +231,19 @@ def test_a_save_that_cannot_fit_is_refused_saying_how_much_it_needs(tmp_path):
     store.check_space(tmp_path, 2**20)  # a small one fits
 
 
-def test_a_snapshot_that_cannot_be_used_is_refused_before_it_is_set_and_a_typo_makes_no_session(ip):
-    before = ip.run_line_magic("config", "Dhvm.snapshot")
-    ip.run_line_magic("config", "Dhvm.snapshot = 'nosuch'")  # IPython logs the TraitError
-    assert ip.run_line_magic("config", "Dhvm.snapshot") == before == ""
+def test_a_start_from_that_cannot_be_used_is_refused_before_it_is_set_and_a_typo_makes_no_session(ip, capsys):
+    before = ip.run_line_magic("config", "Dhvm.start_from")
+    ip.run_line_magic("config", "Dhvm.start_from = 'nosuch'")  # IPython logs the TraitError
+    assert ip.run_line_magic("config", "Dhvm.start_from") == before == ""
+    ip.run_line_magic("config", "Dhvm.snapshot = 'nosuch'")  # the old name: said, and checked the same way
+    assert ip.run_line_magic("config", "Dhvm.start_from") == ""
+    assert "Dhvm.snapshot is the old name of Dhvm.start_from" in capsys.readouterr().err
     magics = ip.magics_manager.registry["Dhvm"]
     with pytest.raises(UsageError, match=r"no session named 'tpyo'.*%%dhvm -s tpyo"):
         ip.run_line_magic("dhvm", "-s tpyo tables")
     with pytest.raises(UsageError, match="not a session name"):
         ip.run_line_magic("dhvm", "fork a/b")
-    assert "tpyo" not in magics._sessions
+    assert "tpyo" not in magics.sessions
 
 
 def test_while_the_agent_is_held_nothing_goes_either_way_and_questions_get_no_answer_at_once(session):
@@ -345,7 +348,7 @@ def test_two_restores_have_the_same_tables_and_values_the_clock_now_and_differen
     before = loaded["before"]
     got = []
     for _ in range(2):
-        s = Session(backend="qemu", config_dir=ck_home, snapshot="loaded")
+        s = Session(backend="qemu", config_dir=ck_home, start_from="loaded")
         try:
             got.append(_probe(s))
             assert s.server.checkpoint == "loaded"
@@ -363,7 +366,7 @@ def test_two_restores_have_the_same_tables_and_values_the_clock_now_and_differen
 def test_per_cell_mode_starts_every_cell_from_the_checkpoint(loaded, ck_home):
     from dhg_kernel.session import Session
 
-    s = Session(backend="qemu", config_dir=ck_home, mode="per-cell", pool_size=1, snapshot="loaded")
+    s = Session(backend="qemu", config_dir=ck_home, mode="per-cell", pool_size=1, start_from="loaded")
     try:
         first = s.execute("drawn = -1.0\nprint(by_sym.size, drawn)")
         second = s.execute("print(by_sym.size, drawn)")
@@ -440,7 +443,7 @@ def test_refusals_name_the_fix(loaded, ck_home):
             for f in ("mem", "state"):
                 os.link(src / f, copy / f)
             with pytest.raises(CheckpointError, match=match):
-                Session(backend="qemu", config_dir=ck_home, snapshot="altered").start()
+                Session(backend="qemu", config_dir=ck_home, start_from="altered").start()
         finally:
             store.remove(layout, "altered")
     assert not [r for r in list_instances(layout) if r.owner_pid == os.getpid()], \
@@ -484,7 +487,7 @@ def test_a_damaged_checkpoint_is_refused_before_qemu_opens_it_and_no_restore_wri
                             ("rot", r"checkpoint rot is damaged: state's content changed since it was saved"),
                             ("bare", rf"checkpoints/bare is damaged: mem is 0 bytes, expected {ram} \(the VM's")):
             with pytest.raises(CheckpointError, match=match + rf".*%dhvm checkpoint {name} --overwrite.*dhvm checkpoint rm {name}"):
-                Session(backend="qemu", config_dir=ck_home, snapshot=name).start()
+                Session(backend="qemu", config_dir=ck_home, start_from=name).start()
             after = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(layout.checkpoint(name).iterdir())]
             assert after == before[name], f"the restore of {name} wrote its checkpoint"
         listed = {c.name: c.describe()["status"] for c in store.list_all(layout)}
@@ -564,7 +567,7 @@ def test_a_live_view_pauses_for_the_save_and_goes_on_and_a_restore_has_none_of_t
         assert s.stats()["live_views"] == 1
     finally:
         s.stop()
-    r = Session(backend="qemu", config_dir=ck_home, snapshot="ticking")
+    r = Session(backend="qemu", config_dir=ck_home, start_from="ticking")
     try:
         deadline = time.monotonic() + 10  # the old host's views end at their next look at their stop event
         while r.stats()["live_views"] and time.monotonic() < deadline:
@@ -578,15 +581,15 @@ def test_a_live_view_pauses_for_the_save_and_goes_on_and_a_restore_has_none_of_t
 
 
 @pytest.mark.slow
-def test_a_kernel_forks_runs_named_sessions_and_starts_from_dhg_snapshot(loaded, ck_home, jupyter_path, tmp_path):
-    """A plain python3 kernel with DHG_SNAPSHOT=loaded: its first %%dhvm cell has the checkpoint's
+def test_a_kernel_forks_runs_named_sessions_and_starts_from_dhg_start_from(loaded, ck_home, jupyter_path, tmp_path):
+    """A plain python3 kernel with DHG_START_FROM=loaded: its first %%dhvm cell has the checkpoint's
     tables; %dhvm fork b and %%dhvm -s b change b only; %dhvm sessions lists both; shutdown stops both."""
     from jupyter_client.manager import start_new_kernel
 
     layout = Layout(ck_home)
     km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path),
                               env={**os.environ, "DHG_HOME": str(ck_home), "DHG_BACKEND": "qemu",
-                                   "DHG_SNAPSHOT": "loaded"})
+                                   "DHG_START_FROM": "loaded"})
 
     def run(code: str) -> str:
         outs: list = []
@@ -623,7 +626,7 @@ def test_a_kernel_forks_runs_named_sessions_and_starts_from_dhg_snapshot(loaded,
 
 @pytest.mark.slow
 def test_the_cli_bakes_a_template_and_runs_from_it(ck_home, tmp_path):
-    """dhvm checkpoint create NAME --from setup.py, list, info, exec --snapshot, rm."""
+    """dhvm checkpoint create NAME --from setup.py, list, info, exec --start-from (and --snapshot, its old name), rm."""
     setup = tmp_path / "setup.py"
     setup.write_text("from deephaven import empty_table\nprices = empty_table(5).update(['P = i * 2'])\n"
                      "def double(x):\n    return 2 * x\n")
@@ -641,8 +644,9 @@ def test_the_cli_bakes_a_template_and_runs_from_it(ck_home, tmp_path):
     info = json.loads(cli("checkpoint", "info", "tmpl", "--json"))
     assert info["tables"] == ["prices"] and info["metadata"]["checkpoint"]["base"]["key"]
     assert "already exists" in cli("checkpoint", "create", "tmpl", "--from", str(setup), "--backend", "qemu", ok=False)
-    out = cli("exec", "--backend", "qemu", "--snapshot", "tmpl", "-c", "print(double(21), prices.size)")
+    out = cli("exec", "--backend", "qemu", "--start-from", "tmpl", "-c", "print(double(21), prices.size)")
     assert "42 5" in out
-    assert "local backend" in cli("exec", "--backend", "local", "--snapshot", "tmpl", "-c", "1", ok=False)
+    assert "local backend" in cli("exec", "--backend", "local", "--start-from", "tmpl", "-c", "1", ok=False)
     cli("checkpoint", "rm", "tmpl")
+    # --snapshot, the old name, still means the same
     assert "no checkpoint named 'tmpl'" in cli("exec", "--backend", "qemu", "--snapshot", "tmpl", "-c", "1", ok=False)

@@ -787,10 +787,10 @@ def test_a_checkpoint_from_another_backend_or_an_older_base_is_refused_with_the_
     fix = r"Dhvm\.backend = 'qemu', or --backend qemu\).*dhvm checkpoint rm from-qemu"
     with pytest.raises(CheckpointError, match=r"'from-qemu' was made with the qemu backend.*uses firecracker.*" + fix):
         backend.start("from-qemu")
-    with pytest.raises(CheckpointError, match=fix):  # chosen for every VM (Dhvm.snapshot), checked when chosen
+    with pytest.raises(CheckpointError, match=fix):  # chosen for every VM (Dhvm.start_from), checked when chosen
         backend.snapshot("from-qemu")
     with pytest.raises(CheckpointError, match=fix):
-        FirecrackerBackend(layout, firecracker=fc, snapshot="from-qemu").start()
+        FirecrackerBackend(layout, firecracker=fc, start_from="from-qemu").start()
     with pytest.raises(CheckpointError, match=r"'stale' grew from the base snapshot.*`dhvm prepare` has since made a "
                                               r"new one.*dhvm checkpoint rm stale"):
         backend.start("stale")
@@ -807,7 +807,7 @@ def test_start_from_a_checkpoint_restores_its_files_as_the_base_is_and_never_wri
     _keyed(base, "prepare-1")
     ck = _fake_checkpoint(layout, "loaded", base)
     digest = {d / n: hashlib.sha256((d / n).read_bytes()).hexdigest() for d in (base, ck) for n in ("vmstate", "mem")}
-    backend = FirecrackerBackend(layout, firecracker=str(stand_in("1.16.1")), snapshot="loaded")
+    backend = FirecrackerBackend(layout, firecracker=str(stand_in("1.16.1")), start_from="loaded")
     for start_from, expected in (("loaded", ck), (None, base)):
         backend.start_from = start_from
         inst = backend.start()
