@@ -24,7 +24,7 @@ def summary(session: "Session") -> dict:
             session._lock.release()
         srv = session.server
     out: dict = {"backend": session.backend_name, "mode": session.mode, "running": session.running,
-                 "snapshot": session.start_from or "base"}
+                 "start_from": session.start_from or "base"}
     if srv is None and session.ended:
         out["ended"] = session.ended
     if srv is not None:
