@@ -127,7 +127,8 @@ def serve_api(server: SpecServer, sock_path: str) -> socketserver.UnixStreamServ
                 self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if data:  # nothing more for an empty reply: the client may have closed on its headers
+                self.wfile.write(data)
 
         do_GET = do_PUT = do_PATCH = _do
 
