@@ -51,7 +51,7 @@ def first_result(home: Path, snapshot: str | None, runs: int) -> list[float]:
     walls = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        s = Session(backend="qemu", config_dir=home, **({"snapshot": snapshot} if snapshot else {}))
+        s = Session(backend="qemu", config_dir=home, **({"start_from": snapshot} if snapshot else {}))
         r = s.execute(FIRST)
         walls.append((time.perf_counter() - t0) * 1000)
         assert r.ok, r.error

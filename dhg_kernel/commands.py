@@ -1,5 +1,5 @@
-"""``%dhvm`` line commands: one table of name → (handler, usage), which dispatches them, lists them in
-an unknown command's error and in ``%dhvm help``.
+"""``%dhvm`` line commands: one table of name → (handler, usage), which dispatches them and lists them
+in ``%dhvm help``.
 
 Each handler takes the ``Dhvm`` magic (``m``; not imported here, as magic imports this module) and the
 command's words after its name, and returns what the line magic returns (a DataFrame, or None after
@@ -261,8 +261,5 @@ COMMANDS: dict[str, Command] = {
 
 
 def run(m, words: list[str]):
-    """Dispatch ``%dhvm WORDS``."""
-    cmd = COMMANDS.get(words[0])
-    if cmd is None:
-        raise UsageError(f"unknown command {words[0]!r}; choose one of: {', '.join(COMMANDS)}")
-    return cmd.run(m, words[1:])
+    """Run ``%dhvm WORDS``, whose first word names a command (a line that names none is code, run as such)."""
+    return COMMANDS[words[0]].run(m, words[1:])

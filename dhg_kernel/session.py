@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import checkpoint as cp
 from . import status as report
@@ -24,8 +24,11 @@ from .live import DEFAULT_LIVE_RATE, DEFAULT_LIVE_ROWS, LiveFeed, LiveUpdate, Li
 from .pool import WarmPool
 from .result import CellResult, DisplayOutput, Stream, TableResult
 from .server import Server, start_server
-from .vm import Backend, Instance, choose_backend, get_backend, memory
+from .vm import Backend, Instance, check_options, choose_backend, get_backend, memory
 from .exits import install_exit_hooks, stop_all_sessions, track
+
+if TYPE_CHECKING:
+    from .tablefiles import WrittenFile
 
 __all__ = ["Session", "DhvmError", "AgentDied", "AgentUnresponsive", "AnswerAbandoned", "Server", "start_server",
            "stop_all_sessions"]
@@ -41,8 +44,7 @@ class Session:
                  mode: str = "per-session", pool_size: int = 1, **backend_options):
         if mode not in MODES:
             raise UsageError(f"unknown mode {mode!r}; choose per-session or per-cell")
-        if "snapshot" in backend_options:  # backends ignore options they do not know: say it, never drop it
-            raise TypeError("Session(snapshot=NAME) is now Session(start_from=NAME)")
+        check_options(backend_options)  # a misspelt option would vanish: backends ignore each other's
         self.layout = Layout.resolve(config_dir)
         self.backend_name = backend
         self.backend_options = backend_options

@@ -3,18 +3,48 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 
 from .base import Backend, BackendUnavailable, Instance
+from ..errors import UsageError
 
 BACKENDS = ("firecracker", "qemu", "local")
 
+OPTIONS = frozenset({
+    "dh_version", "heap", "start_from", "restore_timeout",  # every snapshot backend
+    "python", "start_timeout",  # local
+    "accel", "qemu",  # qemu
+    "firecracker", "jailer", "jailer_uid", "jailer_gid", "network", "netns_parent",  # firecracker
+})
+"""Every option a backend takes. A backend ignores the options only another one takes (``auto`` may pick
+either), so ``check_options`` refuses a name none takes: a misspelt option would otherwise vanish."""
+RENAMED = {"snapshot": "start_from"}
+
 _registered: dict = {}
 """Backends added by name with ``register_backend`` (tests' fake backend); never chosen by ``auto``."""
+_registered_options: set[str] = set()
 
 
 def register_backend(name: str, factory) -> None:
     """Make ``get_backend(name, layout, **options)`` return ``factory(layout, **options)`` (for tests)."""
     _registered[name] = factory
+    _registered_options.update(constructor_options(factory))
+
+
+def constructor_options(factory) -> set[str]:
+    """The options ``factory(layout, **options)`` takes by name."""
+    params = list(inspect.signature(factory).parameters.values())[1:]
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_options(options) -> None:
+    """Refuse an option no backend takes, naming the ones that exist (and an old name's new one)."""
+    unknown = sorted(set(options) - OPTIONS - _registered_options)
+    if unknown:
+        hints = [f"{u} is now {RENAMED[u]}" for u in unknown if u in RENAMED]
+        raise UsageError(f"unknown backend option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"
+                         + (f" ({'; '.join(hints)})" if hints else "")
+                         + f"; the options are: {', '.join(sorted(OPTIONS | _registered_options))}")
 
 
 def get_backend(name: str, layout, **options) -> Backend:

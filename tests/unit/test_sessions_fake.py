@@ -186,3 +186,19 @@ def test_completion_and_inspection_come_from_the_live_namespace(make_session):
     assert got["matches"] == ["total_rows"] and (got["cursor_start"], got["cursor_end"]) == (4, 7)
     assert s.inspect("total_rows", 10)["found"] is True
     assert s.inspect("missing", 7)["found"] is False
+
+
+def test_an_option_no_backend_takes_is_refused_not_dropped(tmp_path):
+    """Backends ignore each other's options, so Session checks the names: a typo, or an old name, is an error."""
+    from dhg_kernel.errors import UsageError
+    from dhg_kernel.vm import OPTIONS, constructor_options
+    from dhg_kernel.vm.firecracker import FirecrackerBackend
+    from dhg_kernel.vm.local import LocalBackend
+    from dhg_kernel.vm.qemu import QemuBackend
+
+    assert OPTIONS == set().union(*(constructor_options(b) for b in (LocalBackend, QemuBackend, FirecrackerBackend)))
+    with pytest.raises(UsageError, match=r"unknown backend option snapshot \(snapshot is now start_from\)"):
+        Session("qemu", tmp_path, snapshot="loaded")
+    with pytest.raises(UsageError, match=r"unknown backend option hep; the options are: .*heap"):
+        Session("local", tmp_path, hep="1g")
+    Session("fake", tmp_path, delay=0.1, start_from=None)  # a registered backend's own options are known
