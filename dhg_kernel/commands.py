@@ -26,8 +26,10 @@ IDE_FRAME_HEIGHT = 420
 @dataclass(frozen=True)
 class Command:
     run: Callable[..., object]
-    usage: str
-    """Its arguments and what it does, one line (``%dhvm help``)."""
+    args: str
+    """Its arguments (``%dhvm help``)."""
+    does: str
+    """What it does, a few words."""
 
 
 def _no_args(words: list[str], usage: str) -> None:
@@ -235,28 +237,30 @@ class _Parser(argparse.ArgumentParser):
 
 
 def help_(m, words: list[str]) -> None:
-    print("%dhvm line commands (-s NAME first picks the session; anything else is run as code):")
+    _no_args(words, "%dhvm help")
+    print("%%dhvm [OPTIONS] runs a cell in the Deephaven server (%%dhvm? lists the options).\n"
+          "%dhvm line commands (-s NAME first picks the session; a line that names none is run as code):")
     for name, c in COMMANDS.items():
-        print(f"  %dhvm {name:<12} {c.usage}")
+        print(f"  %dhvm {name} {c.args}".rstrip() + f"\n      {c.does}")
 
 
 COMMANDS: dict[str, Command] = {
-    "status": Command(status, "backend, server, snapshot, warm pool (starts nothing)"),
-    "tables": Command(tables, "the session's Deephaven tables"),
-    "stats": Command(stats, "the agent's statistics: cells run, memory, uptime"),
-    "fetch": Command(fetch, "NAME [--to FILE.parquet|.csv|.arrow [--force] [--format F] [-q]]: "
-                                               "a table as a DataFrame, or whole into a file"),
-    "show": Command(show, "NAME [-n ROWS] [--head] [--rate R]: a live view of a table"),
-    "live": Command(live, "[stop [NAME]]: the live views, or end them"),
-    "ide": Command(ide, "[NAME]: Deephaven's web UI (the console, or a table or figure)"),
-    "reset": Command(reset, "a fresh server for the next cell"),
-    "stop": Command(stop, "stop the session's server"),
-    "checkpoint": Command(checkpoint, "NAME [--overwrite]: save the session's server (it runs on)"),
-    "checkpoints": Command(checkpoints, "the saved checkpoints"),
-    "restore": Command(restore, "NAME: a server restored from a checkpoint"),
-    "sessions": Command(sessions, "the notebook's sessions"),
-    "fork": Command(fork, "NEW: session NEW, started from this one's state"),
-    "help": Command(help_, "this list"),
+    "status": Command(status, "", "backend, server, what new servers start from, warm pool (starts nothing)"),
+    "tables": Command(tables, "", "the session's Deephaven tables"),
+    "stats": Command(stats, "", "the agent's statistics: cells run, memory, uptime"),
+    "fetch": Command(fetch, "NAME [--to FILE.parquet|.csv|.arrow [--force] [--format F] [-q]]",
+                     "a table as a DataFrame, or whole into a file"),
+    "show": Command(show, "NAME [-n ROWS] [--head] [--rate R]", "a live view of a table"),
+    "live": Command(live, "[stop [NAME]]", "the live views, or end them"),
+    "ide": Command(ide, "[NAME]", "Deephaven's web UI (the console, or a table or figure)"),
+    "reset": Command(reset, "", "a fresh server for the next cell"),
+    "stop": Command(stop, "", "stop the session's server"),
+    "checkpoint": Command(checkpoint, "NAME [--overwrite]", "save the session's server (it runs on)"),
+    "checkpoints": Command(checkpoints, "", "the saved checkpoints"),
+    "restore": Command(restore, "NAME", "a server restored from a checkpoint"),
+    "sessions": Command(sessions, "", "the notebook's sessions"),
+    "fork": Command(fork, "NEW", "session NEW, started from this one's state"),
+    "help": Command(help_, "", "this list"),
 }
 
 

@@ -268,4 +268,4 @@ def test_line_commands_are_dispatched_through_one_table():
                                                      for c in [node.left, *node.comparators]):
                 chains.append(f"{name}: {ast.unparse(node)}")
     assert not chains, chains
-    assert len(COMMANDS) >= 15 and all(callable(c.run) and c.usage for c in COMMANDS.values())
+    assert len(COMMANDS) >= 15 and all(callable(c.run) and c.does for c in COMMANDS.values())

@@ -106,8 +106,9 @@ def test_help_lists_the_commands(shell, capsys):
         assert command in doc
     shell.run_line_magic("dhvm", "help")
     listed = capsys.readouterr().out
-    for name, command in COMMANDS.items():  # every command of the table, with its usage line
-        assert f"%dhvm {name:<12} {command.usage}" in listed
+    for name, command in COMMANDS.items():  # every command of the table, its arguments and what it does
+        assert f"%dhvm {name} {command.args}".rstrip() + f"\n      {command.does}" in listed
+    assert "%%dhvm [OPTIONS] runs a cell" in listed
     with pytest.raises(UsageError, match="usage: %dhvm status"):
         shell.run_line_magic("dhvm", "status now")
 
